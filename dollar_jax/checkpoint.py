@@ -1,0 +1,172 @@
+"""Orbax checkpoints of model weights: save, inspect, restore sharded, and load a ready DiT.
+
+A model folder (what tools/convert_weights.py writes) holds:
+    config.json   the DiTConfig (architecture + numerics) and where the weights came from
+    params/       an Orbax (OCDBT) checkpoint of the model's parameters as a pure nested dict
+Training runs use `dollar_jax.train.checkpointing` (CheckpointManager) on top of the same primitives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dollar_jax.models.dit import WanDiT
+from dollar_jax.models.dit_config import DiTConfig
+from dollar_jax.models.layers import logical_axes
+from dollar_jax.parallel.mesh import make_mesh
+from dollar_jax.parallel.sharding import current_mesh, tree_shardings
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, partial, corrupt, or does not fit the model it is loaded into."""
+
+
+def save_pytree(path: str, tree) -> None:
+    """Write `tree` (NumPy or JAX arrays) to a new Orbax checkpoint at `path` and wait for it.
+
+    Built to cost almost no memory beyond the tree itself (the converter's peak-RSS budget):
+    NumPy leaves allocated with `aligned_empty` are adopted by JAX without a copy; arrays are written
+    uncompressed, whole-array chunks, one at a time, so TensorStore writes straight from their buffers.
+    """
+    leaves = jax.tree.leaves(tree)
+    largest_gb = max((leaf.nbytes for leaf in leaves), default=0) / 1e9
+    tree = jax.tree.map(lambda x: jax.device_put(x, may_alias=True) if isinstance(x, np.ndarray) else x, tree)
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1.01 * largest_gb + 0.01, use_compression=False)
+    ocp.Checkpointer(handler).save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
+
+
+def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised NumPy array whose buffer JAX's CPU backend can adopt without copying."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = (-raw.ctypes.data) % alignment
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def stored_shapes(path: str) -> dict:
+    """{flat key: (shape, dtype)} of an Orbax checkpoint, from its metadata only."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"No checkpoint at {path}")
+    if not os.path.exists(os.path.join(path, "commit_success.txt")) and not os.path.exists(
+        os.path.join(path, "_CHECKPOINT_METADATA")
+    ):
+        raise CheckpointError(f"{path} is not a finished Orbax checkpoint (no commit marker): partial write?")
+    try:
+        tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for corrupt metadata
+        raise CheckpointError(f"Cannot read the checkpoint metadata at {path}: {e}") from e
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_flat_key(p): (tuple(m.shape), m.dtype) for p, m in flat}
+
+
+def _flat_key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def check_compatible(path: str, target) -> None:
+    """Raise a CheckpointError that lists every missing, unexpected or mis-shaped array."""
+    stored = stored_shapes(path)
+    flat = jax.tree_util.tree_flatten_with_path(target)[0]
+    wanted = {_flat_key(p): tuple(leaf.shape) for p, leaf in flat}
+    missing = sorted(set(wanted) - set(stored))
+    unexpected = sorted(set(stored) - set(wanted))
+    misshaped = sorted(
+        f"{k}: stored {stored[k][0]}, expected {wanted[k]}" for k in set(wanted) & set(stored) if stored[k][0] != wanted[k]
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"Checkpoint {path} does not fit the model:"]
+        lines += [f"  missing: {k}" for k in missing]
+        lines += [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  mis-shaped: {k}" for k in misshaped]
+        raise CheckpointError("\n".join(lines))
+
+
+def restore_pytree(path: str, target):
+    """Restore into `target` (a pytree of jax.ShapeDtypeStruct with shardings); dtypes are cast to the target's."""
+    check_compatible(path, target)
+    try:
+        return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"Reading the arrays of {path} failed (corrupt or truncated?): {e}") from e
+
+
+# ---- model folders --------------------------------------------------------------------------------------
+
+
+def write_model_config(folder: str, config: DiTConfig, source: dict[str, Any] | None = None) -> None:
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump({"dit": config.to_dict(), "source": source or {}}, f, indent=2, sort_keys=True)
+
+
+def read_model_config(folder: str) -> tuple[DiTConfig, dict]:
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} has no {CONFIG_FILE}: not a dollar-jax model folder")
+    with open(path) as f:
+        blob = json.load(f)
+    if "dit" not in blob:
+        raise CheckpointError(f"{path} has no 'dit' section")
+    return DiTConfig.from_dict(blob["dit"]), blob.get("source", {})
+
+
+def abstract_dit(config: DiTConfig):
+    """(graphdef, abstract pure-dict params, logical-axes tree) of a DiT, without allocating weights."""
+    model = nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state), logical_axes(state)
+
+
+def load_dit(folder: str, mesh: jax.sharding.Mesh | None = None, **numerics) -> WanDiT:
+    """Load a converted model folder as a ready `WanDiT`, its parameters sharded onto a mesh.
+
+    Args:
+      folder: what `tools/convert_weights.py` wrote (config.json + params/).
+      mesh: the mesh to shard onto; defaults to the mesh set with `jax.set_mesh`, else all local devices
+        on the fsdp axis. Placement follows the logical-axis rules in force (dollar_jax/parallel/rules.py).
+      **numerics: DiTConfig overrides that do not change the weights' shapes, e.g. dtype="bfloat16",
+        param_dtype="bfloat16", remat_policy="full", attention="cudnn".
+
+    Example:
+      >>> with jax.set_mesh(make_mesh({"fsdp": -1})):
+      ...     teacher = load_dit("/ckpt/wan2.1-1.3b-flax", dtype="bfloat16")
+      ...     video_pred = teacher(latents, timesteps, text_embeddings)
+    """
+    config, _ = read_model_config(folder)
+    config = config.replace(**numerics)
+    mesh = mesh or current_mesh() or make_mesh({"fsdp": -1})
+    graphdef, abstract, axes = abstract_dit(config)
+    shardings = tree_shardings(mesh, abstract, axes)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = restore_pytree(os.path.join(folder, PARAMS_DIR), target)
+    return nnx.merge(graphdef, params)
+
+
+def dit_params(model: WanDiT) -> dict:
+    """The pure-dict parameters of a model (what training states and checkpoints hold)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+__all__ = [
+    "CheckpointError",
+    "abstract_dit",
+    "check_compatible",
+    "dit_params",
+    "load_dit",
+    "read_model_config",
+    "restore_pytree",
+    "save_pytree",
+    "stored_shapes",
+    "write_model_config",
+]

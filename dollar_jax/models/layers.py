@@ -1,0 +1,117 @@
+"""Small NNX building blocks whose parameters carry logical axis names.
+
+Every parameter is created through `param`, which records its logical axes as `sharding_names` metadata
+(read back by `logical_axes`). Eager sharding is off: models are built abstractly (`nnx.eval_shape`) or on
+the host, and placement happens once, from the rules table, when the state is put on the mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
+
+
+def logical_axes(state: nnx.State) -> dict:
+    """Pure-dict tree of logical-axis tuples matching `nnx.to_pure_dict(state)`."""
+    specs = nnx.get_partition_spec(state)
+    return jax.tree.map(
+        lambda p: tuple(p) if p is not None else None,
+        nnx.to_pure_dict(specs),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec) or x is None,
+    )
+
+
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
+lecun_normal = jax.nn.initializers.lecun_normal()
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias with kernel (in, out); computes in `dtype`, stores in `param_dtype`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        axes: tuple[str | None, str | None],
+        *,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init: Initializer = lecun_normal,
+    ):
+        self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
+        self.bias = param(rngs, zeros, (out_features,), (axes[1],), param_dtype) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float, scale: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """LayerNorm over the last axis, always in float32 (as Wan/diffusers do); returns float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y
+
+
+class LayerNorm(nnx.Module):
+    """Affine LayerNorm (float32 math)."""
+
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, param_dtype=jnp.float32, axis_name: str = "norm"):
+        self.scale = param(rngs, ones, (dim,), (axis_name,), param_dtype)
+        self.bias = param(rngs, zeros, (dim,), (axis_name,), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.eps, self.scale[...], self.bias[...])
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale, float32 math, output in the input dtype."""
+
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, param_dtype=jnp.float32, axis_name: str = "norm"):
+        self.scale = param(rngs, ones, (dim,), (axis_name,), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Timestep features [cos | sin] (diffusers' Timesteps with flip_sin_to_cos=True, shift 0), float32."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb

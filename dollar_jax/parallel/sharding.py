@@ -1,0 +1,112 @@
+"""Logical axis names -> PartitionSpecs -> NamedShardings, for arrays and whole state pytrees."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dollar_jax.parallel.rules import Rule, current_rules
+
+LogicalAxes = Sequence[str | None]
+
+
+def logical_to_spec(axes: LogicalAxes | None, rules: Sequence[Rule] | None = None) -> PartitionSpec:
+    """Map logical names to mesh axes. A mesh axis is used at most once per array (first come first served)."""
+    if axes is None:
+        return PartitionSpec()
+    table = dict(current_rules() if rules is None else rules)
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"Logical axis {name!r} has no sharding rule; add it to dollar_jax/parallel/rules.py")
+        target = table[name]
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        targets = tuple(t for t in targets if t not in used)
+        used.update(targets)
+        out.append(None if not targets else (targets[0] if len(targets) == 1 else targets))
+    return PartitionSpec(*out)
+
+
+def _mesh_axis_sizes(mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes") else mesh.devices.shape))
+
+
+def check_divisible(spec: PartitionSpec, shape: Sequence[int], mesh, what: str) -> None:
+    """A sharded dimension must divide evenly; say which array and dimension does not."""
+    sizes = _mesh_axis_sizes(mesh)
+    for dim, entry in enumerate(spec):
+        if entry is None:
+            continue
+        axes = (entry,) if isinstance(entry, str) else tuple(entry)
+        n = 1
+        for axis in axes:
+            n *= sizes[axis]
+        if shape[dim] % n:
+            raise ValueError(
+                f"{what}: dimension {dim} of shape {tuple(shape)} is not divisible by mesh axes {axes} "
+                f"(size {n}). Change the mesh or the sharding rules."
+            )
+
+
+def named_sharding(mesh: Mesh, axes: LogicalAxes | None, shape: Sequence[int] | None = None, what: str = "array"):
+    spec = logical_to_spec(axes)
+    if shape is not None:
+        check_divisible(spec, shape, mesh, what)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def tree_shardings(mesh: Mesh, abstract_tree, logical_tree):
+    """NamedShardings for a pytree of arrays given a same-structured pytree of logical-axis tuples.
+
+    Leaves of `logical_tree` are tuples of logical names (or None for replicated).
+    """
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    treedef = jax.tree_util.tree_structure(abstract_tree)
+    logical_leaves = treedef.flatten_up_to(logical_tree)
+    out = []
+    for (path, leaf), axes in zip(paths_and_leaves, logical_leaves, strict=True):
+        name = jax.tree_util.keystr(path)
+        if axes is not None and len(axes) != len(leaf.shape):
+            raise ValueError(f"{name}: logical axes {axes} do not match shape {leaf.shape}")
+        out.append(named_sharding(mesh, axes, leaf.shape, what=name))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a mesh context (single device, unit tests).
+
+    This is a layout hint for XLA, not a correctness requirement, so a mesh axis that does not divide the
+    activation's dimension (batch 1 on 8 devices, 77 text tokens on a context axis of 4) is left out of the
+    constraint for that dimension instead of failing the trace. Parameters are checked strictly instead
+    (`tree_shardings`).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    sizes = _mesh_axis_sizes(mesh)
+    entries = []
+    for dim, entry in zip(x.shape, logical_to_spec(axes)):
+        axes_here = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        kept, n = [], 1
+        for axis in axes_here:
+            if dim % (n * sizes[axis]) == 0:
+                kept.append(axis)
+                n *= sizes[axis]
+        entries.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh set with `jax.set_mesh`, or None."""
+    mesh = jax.sharding.get_mesh()
+    return None if mesh.empty else mesh

@@ -1,0 +1,109 @@
+"""The DiT on 8 virtual CPU devices (data x fsdp x tensor = 2 x 2 x 2) equals the single-device forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from dollar_jax.models import WanDiT, preset
+from dollar_jax.models.layers import logical_axes
+from dollar_jax.parallel import axis_rules, logical_to_spec, make_mesh, tree_shardings
+from dollar_jax.parallel.mesh import resolve_mesh_shape
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs():
+    cfg = preset("tiny", num_attention_heads=4, attention_head_dim=8, ffn_dim=48)
+    model = WanDiT(cfg, rngs=nnx.Rngs(0))
+    # Give the zero-initialised output layers values so the comparison sees every path.
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 4, 4, cfg.in_channels)).astype(np.float32)
+    t = np.asarray([0.0, 250.0, 500.0, 999.0], np.float32)
+    text = rng.standard_normal((4, 6, cfg.text_dim)).astype(np.float32)
+    return graphdef, params, logical_axes(state), (x, t, text)
+
+
+def _forward(graphdef):
+    return jax.jit(lambda params, x, t, text: nnx.merge(graphdef, params)(x, t, text))
+
+
+def test_sharded_forward_equals_single_device(model_and_inputs):
+    graphdef, params, axes, (x, t, text) = model_and_inputs
+    single = _forward(graphdef)(params, x, t, text)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = tree_shardings(mesh, params, axes)
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(params, shardings)
+        batch = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
+        out = _forward(graphdef)(placed, jax.device_put(x, batch), jax.device_put(t, batch), jax.device_put(text, batch))
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=2e-5, atol=2e-5)
+
+
+def test_context_axis_sharding_equals_single_device(model_and_inputs):
+    graphdef, params, axes, (x, t, text) = model_and_inputs
+    single = _forward(graphdef)(params, x, t, text)
+    mesh = make_mesh({"fsdp": 2, "context": 4})
+    with jax.set_mesh(mesh):
+        out = _forward(graphdef)(jax.device_put(params, tree_shardings(mesh, params, axes)), x, t, text)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=2e-5, atol=2e-5)
+
+
+def test_parameter_shardings_follow_the_rules(model_and_inputs):
+    graphdef, params, axes, _ = model_and_inputs
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    placed = jax.device_put(params, tree_shardings(mesh, params, axes))
+    expect = {
+        ("blocks", "attn1", "to_q", "kernel"): P(None, "fsdp", "tensor"),
+        ("blocks", "attn1", "to_out", "kernel"): P(None, "tensor", "fsdp"),
+        ("blocks", "attn2", "norm_k", "scale"): P(None, "tensor"),
+        ("blocks", "ffn", "fc_in", "kernel"): P(None, "fsdp", "tensor"),
+        ("blocks", "ffn", "fc_out", "kernel"): P(None, "tensor", "fsdp"),
+        ("blocks", "scale_shift_table"): P(None, None, "fsdp"),
+        ("patch_embedding", "kernel"): P(None, "fsdp"),
+        ("condition_embedder", "time_linear_2", "kernel"): P("fsdp", None),  # a mesh axis is used once
+    }
+    for path, spec in expect.items():
+        leaf, names = placed, axes
+        for k in path:
+            leaf, names = leaf[k], names[k]
+        assert logical_to_spec(names) == spec, path
+        assert leaf.sharding.spec == spec, path
+    # Every placed parameter carries exactly the spec the rules table gives for its logical names.
+    flat_axes = jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))
+    for leaf, names in zip(jax.tree.leaves(placed), flat_axes, strict=True):
+        assert leaf.sharding.spec == logical_to_spec(names)
+
+
+def test_rules_override_changes_placement(model_and_inputs):
+    _, params, axes, _ = model_and_inputs
+    mesh = make_mesh({"fsdp": 8})
+    with axis_rules([("embed", None), ("heads", "fsdp"), ("mlp", "fsdp"), ("layers", None), ("patch", None),
+                     ("patch_out", None), ("text_embed", None), ("time_freq", None), ("modulation", None),
+                     ("norm", None)]):
+        shardings = tree_shardings(mesh, params, axes)
+    assert shardings["blocks"]["attn1"]["to_q"]["kernel"].spec == P(None, None, "fsdp")
+
+
+def test_indivisible_parameter_is_a_clear_error(model_and_inputs):
+    _, params, axes, _ = model_and_inputs
+    mesh = make_mesh({"tensor": 8})  # 4 heads * 8 dims = 32 is divisible, ffn 48 is divisible; text_dim 32 too
+    bad = dict(params, extra=jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match="not divisible"):
+        tree_shardings(mesh, bad, dict(axes, extra=("heads", None)))
+
+
+def test_mesh_shape_resolution():
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1}, 8) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    with pytest.raises(ValueError, match="Unknown mesh axes"):
+        resolve_mesh_shape({"dat": 2}, 8)
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        resolve_mesh_shape({"data": 2, "tensor": 3}, 8)
