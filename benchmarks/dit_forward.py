@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dollar_jax.models import WanDiT, preset
+from dollar_jax.models.layers import abstract
 
 
 def forward_flops(cfg, batch: int, tokens: int, text_len: int) -> float:
@@ -54,9 +55,8 @@ def main() -> None:
     args = p.parse_args()
 
     cfg = preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype, attention=args.attention)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(abstract(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(WanDiT(cfg, rngs=nnx.Rngs(0)))[1]))()
-    del abstract
     key = jax.random.key(0)
     x = jax.random.normal(key, (args.batch, args.frames, args.height, args.width, cfg.in_channels), jnp.dtype(args.dtype))
     t = jnp.full((args.batch,), 500.0)

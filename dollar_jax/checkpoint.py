@@ -19,7 +19,7 @@ from flax import nnx
 
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
-from dollar_jax.models.layers import logical_axes
+from dollar_jax.models.layers import abstract, logical_axes
 from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.sharding import current_mesh, tree_shardings
 
@@ -72,7 +72,16 @@ def stored_shapes(path: str) -> dict:
 
 
 def _flat_key(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """'a/b/0/c' for a key path of dict keys, attribute names (dataclasses) and sequence indices."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
 
 
 def check_compatible(path: str, target) -> None:
@@ -94,8 +103,15 @@ def check_compatible(path: str, target) -> None:
 
 
 def restore_pytree(path: str, target):
-    """Restore into `target` (a pytree of jax.ShapeDtypeStruct with shardings); dtypes are cast to the target's."""
+    """Restore into `target` (a pytree of jax.ShapeDtypeStruct); dtypes are cast to the target's.
+
+    Leaves without a sharding are placed on the first local device.
+    """
     check_compatible(path, target)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        target)
     try:
         return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
     except Exception as e:  # noqa: BLE001
@@ -103,27 +119,55 @@ def restore_pytree(path: str, target):
 
 
 # ---- model folders --------------------------------------------------------------------------------------
+# A model folder is config.json ({section: config, "source": provenance}) + params/ (Orbax). The converter,
+# the teacher job and the autoencoder job all write one; `load_dit` and the jobs read them.
 
 
-def write_model_config(folder: str, config: DiTConfig, source: dict[str, Any] | None = None) -> None:
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump({"dit": config.to_dict(), "source": source or {}}, f, indent=2, sort_keys=True)
+def write_model_folder(folder: str, sections: dict[str, Any], params) -> str:
+    """Write a complete model folder atomically (temporary sibling folder, renamed when complete).
+
+    `sections` become config.json, e.g. {"dit": DiTConfig dict, "diffusion": {...}, "source": {...}}.
+    """
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(folder)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.partial-", dir=parent)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(sections, f, indent=2, sort_keys=True, default=list)
+        if jax.process_index() == 0:
+            save_pytree(os.path.join(tmp, PARAMS_DIR), params)
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
-def read_model_config(folder: str) -> tuple[DiTConfig, dict]:
+def read_model_folder_config(folder: str, section: str) -> tuple[dict, dict]:
+    """(config.json[section], the whole config.json) of a model folder."""
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.exists(path):
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}: not a dollar-jax model folder")
     with open(path) as f:
         blob = json.load(f)
-    if "dit" not in blob:
-        raise CheckpointError(f"{path} has no 'dit' section")
-    return DiTConfig.from_dict(blob["dit"]), blob.get("source", {})
+    if section not in blob:
+        raise CheckpointError(f"{path} has no {section!r} section (has {sorted(blob)})")
+    return blob[section], blob
+
+
+def read_model_config(folder: str) -> tuple[DiTConfig, dict]:
+    d, blob = read_model_folder_config(folder, "dit")
+    return DiTConfig.from_dict(d), blob
 
 
 def abstract_dit(config: DiTConfig):
     """(graphdef, abstract pure-dict params, logical-axes tree) of a DiT, without allocating weights."""
-    model = nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0)))
+    model = abstract(lambda: WanDiT(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state), logical_axes(state)
 
@@ -165,8 +209,9 @@ __all__ = [
     "dit_params",
     "load_dit",
     "read_model_config",
+    "read_model_folder_config",
+    "write_model_folder",
     "restore_pytree",
     "save_pytree",
     "stored_shapes",
-    "write_model_config",
 ]

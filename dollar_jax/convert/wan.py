@@ -17,15 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 
-from dollar_jax.checkpoint import PARAMS_DIR, abstract_dit, aligned_empty, save_pytree, write_model_config
+from dollar_jax.checkpoint import abstract_dit, aligned_empty, write_model_folder
 from dollar_jax.convert import safetensors_io as st
 from dollar_jax.models.dit_config import DiTConfig
 
@@ -246,18 +244,10 @@ def convert(src: str, dst: str, dtype: str = "float32", layout: str = "auto", ov
             arrays[a.target][a.layer] = value
         del value
 
-    parent = os.path.dirname(os.path.abspath(dst)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
-    try:
-        write_model_config(tmp, config, {"format": f"wan-{layout}", "path": os.path.abspath(src)})
-        save_pytree(os.path.join(tmp, PARAMS_DIR), _unflatten(arrays))
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_model_folder(dst, {"dit": config.to_dict(), "source": {"format": f"wan-{layout}", "path": os.path.abspath(src)},
+                             # Wan2.1's parameterisation: flow matching, velocity eps - x0, shift 3 (480p).
+                             "diffusion": {"schedule": "flow", "prediction_type": "flow", "flow_shift": 3.0}},
+                       _unflatten(arrays))
     n_params = sum(int(np.prod(a.shape)) for a in arrays.values())
     return {"layout": layout, "params": n_params, "tensors": len(plan), "seconds": time.perf_counter() - t0,
             "config": config.to_dict()}

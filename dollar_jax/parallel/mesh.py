@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
 import jax
 from jax.sharding import AxisType, Mesh
+
+log = logging.getLogger(__name__)
 
 # Outermost to innermost. The innermost axis gets the fastest interconnect from jax.make_mesh, which is
 # where tensor parallelism (an all-reduce per layer) belongs.
@@ -43,6 +46,13 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     the logical-axis rules and XLA's partitioner (not explicit-sharding types) inserts the collectives.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_mesh_shape(shape or {"fsdp": -1}, len(devices))
+    shape = dict(shape or {"fsdp": -1})
+    fixed = math.prod(int(v) for v in shape.values())
+    if -1 not in shape.values() and 0 < fixed < len(devices):
+        # An explicit mesh smaller than the machine runs on its first devices (a one-device reference run
+        # on an 8-device host, say); say so, since on a real slice this usually is a mistake.
+        log.warning("Mesh %s uses %d of %d devices", shape, fixed, len(devices))
+        devices = devices[:fixed]
+    sizes = resolve_mesh_shape(shape, len(devices))
     axis_shapes = tuple(sizes[axis] for axis in MESH_AXES)
     return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

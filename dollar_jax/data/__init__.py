@@ -1,0 +1,1 @@
+"""Data: the procedural shapes world, ArrayRecord datasets, grain input pipelines, text conditioning."""

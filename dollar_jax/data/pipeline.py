@@ -1,0 +1,61 @@
+"""Input pipelines: grain over ArrayRecord sources, per-host slices, global arrays on the mesh.
+
+Training iterators are grain `DatasetIterator`s: their state (`get_state`/`set_state`, a position) is saved
+with every checkpoint, so a resumed run sees exactly the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from dollar_jax.parallel.sharding import logical_to_spec
+
+
+def host_batch_size(global_batch: int) -> int:
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"Global batch {global_batch} is not divisible by the {n} processes")
+    return global_batch // n
+
+
+def train_dataset(source, global_batch: int, seed: int, map_fn: Callable | None = None) -> grain.IterDataset:
+    """Shuffled, repeated forever (reshuffled every epoch), this host's slice, batched, drop remainder."""
+    ds = grain.MapDataset.source(source)
+    if jax.process_count() > 1:
+        ds = ds[jax.process_index()::jax.process_count()]
+    ds = ds.seed(seed).shuffle().repeat(None)
+    if map_fn is not None:
+        ds = ds.map(map_fn)
+    return ds.batch(host_batch_size(global_batch), drop_remainder=True).to_iter_dataset()
+
+
+def eval_batches(source, batch_size: int, limit: int | None = None, map_fn: Callable | None = None):
+    """In order, one pass (optionally the first `limit` examples), last batch kept."""
+    ds = grain.MapDataset.source(source)
+    if limit is not None:
+        ds = ds[: min(limit, len(ds))]
+    if map_fn is not None:
+        ds = ds.map(map_fn)
+    return ds.batch(batch_size, drop_remainder=False)
+
+
+def numeric(batch: Mapping) -> dict:
+    """Keep the array fields of a batch (drops captions and other strings)."""
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "fiub"}
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1)))
+
+
+def to_global(batch: Mapping, mesh: Mesh) -> dict:
+    """Host-local NumPy batch -> global jax.Arrays split over the mesh's batch axes."""
+    out = {}
+    for key, value in numeric(batch).items():
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out

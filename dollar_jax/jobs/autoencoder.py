@@ -1,0 +1,120 @@
+"""Train the world's video autoencoder, measure its latent statistics and validation PSNR, export it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dollar_jax.checkpoint import PARAMS_DIR, read_model_folder_config, restore_pytree, write_model_folder
+from dollar_jax.data import arrays_dataset
+from dollar_jax.data.pipeline import eval_batches, train_dataset
+from dollar_jax.jobs.common import Paths, world_config
+from dollar_jax.jobs.world_data import build_videos, video_spec
+from dollar_jax.models.layers import abstract
+from dollar_jax.models.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, psnr
+from dollar_jax.train.loop import Job, scalar_metrics, train
+from dollar_jax.train.optim import make_optimizer
+from dollar_jax.train.state import TrainState, all_finite, apply_gradients, keep_if_finite, split_model
+
+log = logging.getLogger(__name__)
+STATS_CLIPS = 1024
+
+
+def _optim_config(config) -> ml_collections.ConfigDict:
+    c = config.optim.copy_and_resolve_references()
+    with c.unlocked():
+        c.learning_rate, c.warmup_steps = config.autoencoder.learning_rate, config.autoencoder.warmup_steps
+    return c
+
+
+def make_job(config, workdir: str) -> Job:
+    paths, wcfg = Paths.of(config, workdir), world_config(config)
+    arrays_dataset.check_features(paths.data, config.data.videos, video_spec(wcfg))
+    ae_cfg = AutoencoderConfig.from_config(config.autoencoder)
+    ae_cfg.latent_shape(wcfg.num_frames, wcfg.height, wcfg.width)  # fail early on indivisible shapes
+    steps = config.autoencoder.steps
+    optimizer, lr = make_optimizer(_optim_config(config), steps)
+    make = lambda: Autoencoder(ae_cfg, rngs=nnx.Rngs(config.seed))
+    # Built concretely (it is small): the role keeps the non-trained latent statistics as real arrays.
+    role, _ = split_model("autoencoder", make(), optimizer)
+    kl_weight = float(config.autoencoder.kl_weight)
+
+    def train_step(state: TrainState, batch):
+        def loss_fn(p):
+            return autoencoder_loss(role.module(p), batch["video"], state.step_key(), kl_weight)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["autoencoder"])
+        params, opt, gnorm = apply_gradients(state, role, grads)
+        new = state.replace(step=state.step + 1, params={"autoencoder": params}, opt_state={"autoencoder": opt})
+        finite = all_finite(loss, grads)
+        return keep_if_finite(finite, new, state), scalar_metrics(
+            loss=loss, mse=aux["mse"], kl=aux["kl"], psnr=aux["psnr"], grad_norm=gnorm, finite=finite)
+
+    source = arrays_dataset.open_split(paths.data, config.data.videos, "train")
+    return Job(
+        name="autoencoder", roles={"autoencoder": role},
+        abstract_params=lambda: {"autoencoder": split_model("a", abstract(make))[1]},
+        initial_params=lambda: {"autoencoder": jax.jit(lambda: split_model("a", make())[1])()},
+        train_step=train_step,
+        dataset=train_dataset(source, config.autoencoder.batch_size, config.data.shuffle_seed,
+                              map_fn=lambda ex: {"video": ex["video"]}),
+        total_steps=steps, learning_rate=lr,
+    )
+
+
+def run(config, workdir: str) -> str:
+    """Build the videos if needed, train (resumable), export <workdir>/autoencoder. Skips if exported."""
+    paths = Paths.of(config, workdir)
+    if os.path.exists(os.path.join(paths.autoencoder, "config.json")):
+        return paths.autoencoder
+    build_videos(config, workdir)
+    job = make_job(config, workdir)
+    state = train(job, config, paths.run("autoencoder"))
+    model = job.roles["autoencoder"].module(jax.device_get(state.params["autoencoder"]))
+    ae_cfg = model.config
+    # Normalise latents to zero mean / unit variance per channel, measured on training clips.
+    source = arrays_dataset.open_split(paths.data, config.data.videos, "train")
+    encode = jax.jit(lambda m, v: m.posterior(v)[0])
+    means = [np.asarray(encode(model, b["video"])) for b in eval_batches(source, 128, STATS_CLIPS)]
+    z = np.concatenate(means).reshape(-1, ae_cfg.latent_channels)
+    model.set_latent_stats(z.mean(0), z.std(0))
+    val_psnr = validation_psnr(model, config, workdir)
+    log.info("autoencoder: validation PSNR %.2f dB", val_psnr)
+    params = nnx.to_pure_dict(nnx.state(model))
+    write_model_folder(paths.autoencoder, {
+        "autoencoder": ae_cfg.to_dict(),
+        "metrics": {"validation_psnr_db": val_psnr, "steps": job.total_steps},
+    }, params)
+    return paths.autoencoder
+
+
+def validation_psnr(model: Autoencoder, config, workdir: str) -> float:
+    """Mean PSNR (dB) of encode -> decode over the validation split."""
+    paths = Paths.of(config, workdir)
+    source = arrays_dataset.open_split(paths.data, config.data.videos, "validation")
+    roundtrip = jax.jit(lambda m, v: psnr(m.decode(m.encode(v)), v))
+    values = [np.asarray(roundtrip(model, b["video"])) for b in eval_batches(source, 128)]
+    return float(np.mean(np.concatenate(values)))
+
+
+def load(folder: str) -> Autoencoder:
+    """An exported autoencoder (with its latent statistics)."""
+    d, _ = read_model_folder_config(folder, "autoencoder")
+    ae_cfg = AutoencoderConfig.from_config(d)
+    graphdef, state = nnx.split(abstract(lambda: Autoencoder(ae_cfg, rngs=nnx.Rngs(0))))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(state))
+    params = restore_pytree(os.path.join(folder, PARAMS_DIR), target)
+    return nnx.merge(graphdef, params)
+
+
+def metrics_of(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f).get("metrics", {})
+
+

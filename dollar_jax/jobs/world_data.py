@@ -1,0 +1,36 @@
+"""Build the shapes world's video dataset (tfds ArrayRecord): train and validation splits."""
+
+from __future__ import annotations
+
+import logging
+
+from dollar_jax.data import arrays_dataset, world
+from dollar_jax.jobs.common import Paths, world_config
+
+log = logging.getLogger(__name__)
+
+# Validation clips come from another seed stream than training clips (example i depends on (seed, i)).
+VALIDATION_SEED_OFFSET = 1_000_003
+
+
+def video_spec(cfg: world.WorldConfig) -> dict:
+    spec = {"video": ("tensor", (cfg.num_frames, cfg.height, cfg.width, 3), "uint8"), "caption": ("text",)}
+    spec.update({factor: ("int",) for factor in world.FACTORS})
+    return spec
+
+
+def build_videos(config, workdir: str) -> str:
+    """Write <data>/<config.data.videos> unless it exists (then check that it has this world's shape)."""
+    paths, cfg = Paths.of(config, workdir), world_config(config)
+    name, spec = config.data.videos, video_spec(cfg)
+    if arrays_dataset.exists(paths.data, name):
+        arrays_dataset.check_features(paths.data, name, spec)
+        return arrays_dataset.dataset_path(paths.data, name)
+    seed = config.world.seed
+    log.info("building %s: %d train + %d validation clips", name, config.world.num_train, config.world.num_val)
+    return arrays_dataset.write(
+        paths.data, name, spec,
+        {"train": lambda: world.generate(seed, config.world.num_train, cfg),
+         "validation": lambda: world.generate(seed + VALIDATION_SEED_OFFSET, config.world.num_val, cfg)},
+        description=f"Procedural shapes world {cfg}",
+    )

@@ -1,0 +1,1 @@
+"""Losses as pure functions of parameters/pytrees: denoising, VSD, consistency distillation, latent reward."""

@@ -1,0 +1,73 @@
+"""Entry point: python -m dollar_jax.main --config=configs/<file>.py[:arg] --workdir=DIR [--config.key=value ...]
+
+Runs config.job. Every job resumes from what DIR already holds and skips stages whose outputs exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, samples, reports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_job(config, workdir: str):
+    """Dispatch config.job (importing only what the job needs)."""
+    from dollar_jax.config import validate
+
+    validate(config)
+    job = config.job
+    if config.embedded_world and job in ("autoencoder", "precompute", "teacher", "distill"):
+        from dollar_jax.jobs import autoencoder, world_data
+
+        world_data.build_videos(config, workdir)
+        autoencoder.run(config, workdir)
+        if job in ("precompute", "teacher", "distill"):
+            from dollar_jax.jobs import precompute
+
+            precompute.run(config, workdir)
+        if job == "distill":
+            from dollar_jax.jobs import teacher
+
+            teacher.run(config, workdir)
+    if job == "teacher":
+        from dollar_jax.jobs import teacher
+
+        return teacher.run(config, workdir)
+    if job == "distill":
+        from dollar_jax.jobs import distill
+
+        return distill.run(config, workdir)
+    if job == "demo":
+        from dollar_jax.jobs import demo
+
+        return demo.run(config, workdir)
+    if job == "precompute" and not config.embedded_world:
+        raise ValueError("job 'precompute' builds the embedded world's latents; for real videos use "
+                         "tools/precompute_latents.py")
+    return None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/tfds chatter
+    logging.getLogger("dollar_jax").setLevel(logging.INFO)
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    from dollar_jax.parallel.distributed import maybe_initialize
+
+    maybe_initialize()
+    run_job(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

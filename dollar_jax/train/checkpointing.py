@@ -1,0 +1,86 @@
+"""Orbax checkpoints of a whole run: train state, input-pipeline position, config.
+
+Layout: <workdir>/checkpoints/<step>/{state, data, config}. Saves are asynchronous (training continues
+while arrays are written; Orbax writes into a temporary folder and renames it when complete, so a process
+killed mid-save leaves no half-checkpoint behind). On restore the newest step is tried first; one that
+cannot be read (truncated or corrupt files) is moved aside to <step>.corrupt - never deleted - with a
+warning, and the next older one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+from dollar_jax.checkpoint import CheckpointError, check_compatible
+
+log = logging.getLogger(__name__)
+
+
+class RunCheckpointer:
+    def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.keep, self.asynchronous = keep, asynchronous
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=self.asynchronous,
+                                               create=True, cleanup_tmp_directories=True)
+        return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, config: dict) -> None:
+        """Start saving; `data_state` is the input iterator's position *now* (captured before returning)."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)),
+            force=True)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def restore_latest(self, abstract_state):
+        """(state, data_state, step) of the newest readable checkpoint, or None when there is none.
+
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings: arrays are restored straight
+        into that placement. A checkpoint from another model size fails with the list of mismatches.
+        """
+        while True:
+            steps = self.steps()
+            if not steps:
+                return None
+            step = steps[-1]
+            path = os.path.join(self.directory, str(step), "state")
+            try:
+                check_compatible(path, abstract_state)
+            except CheckpointError as e:
+                if "does not fit the model" in str(e):
+                    raise  # a real mismatch (another config), not corruption: stop and say so
+                self._quarantine(step, e)
+                continue
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                jax.block_until_ready(restored.state)
+                return restored.state, dict(restored.data), step
+            except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on corrupt data
+                self._quarantine(step, e)
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt-{int(time.time())}"
+        log.warning("Checkpoint %s cannot be restored (%s); moving it to %s and trying the previous one",
+                    src, str(error).splitlines()[0][:300], dst)
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        self._manager.close()
+        self._manager = self._open()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,162 @@
+"""The one training loop every job runs: resume, step, log, checkpoint, sample, guard against NaNs.
+
+A job supplies its roles, its initial parameters, a pure train step and an input dataset; the loop owns
+everything else. Data flows one way: config -> mesh -> state -> jitted step(state, batch) -> metrics /
+checkpoints / samples. The step never touches files; the loop never looks inside the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import periodic_actions
+
+from dollar_jax.data.pipeline import batch_sharding, numeric, to_global
+from dollar_jax.parallel.mesh import make_mesh
+from dollar_jax.parallel.rules import axis_rules
+from dollar_jax.train.checkpointing import RunCheckpointer
+from dollar_jax.train.metrics import make_writer, truncate_metrics
+from dollar_jax.train.state import Role, TrainState, init_state, state_shardings
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss or gradient and config.nan_policy is 'stop'."""
+
+
+@dataclasses.dataclass
+class Job:
+    name: str
+    roles: Mapping[str, Role]
+    abstract_params: Callable[[], dict]  # cheap: shapes/dtypes only (jax.eval_shape of the initialiser)
+    initial_params: Callable[[], dict]  # called only when there is no checkpoint to resume
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # pure; metrics must include "finite"
+    dataset: Any  # grain IterDataset of host-local NumPy batches
+    total_steps: int
+    prepare_batch: Callable[[dict], dict] = numeric  # host-side: NumPy batch -> the arrays the step reads
+    on_sample: Callable[[TrainState, int], dict] | None = None  # writes samples, returns metrics to log
+    sample_every: int = 0
+    learning_rate: Callable[[int], float] | None = None
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(job: Job, config, workdir: str) -> TrainState:
+    """Run `job` to `job.total_steps`, resuming from <workdir>/checkpoints. Returns the final state."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(dict(config.mesh))
+    rules = list(config.sharding_rules) if config.sharding_rules else None
+    with jax.set_mesh(mesh), axis_rules(rules):
+        return _train(job, config, workdir, mesh)
+
+
+def _train(job: Job, config, workdir: str, mesh) -> TrainState:
+    abstract = jax.eval_shape(lambda p: init_state(job.roles, p, config.seed), job.abstract_params())
+    shardings = state_shardings(job.roles, abstract, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                           asynchronous=config.checkpoint.asynchronous)
+    data_iter = iter(job.dataset)
+    restored = ckpt.restore_latest(target)
+    if restored is not None:
+        state, data_state, start = restored
+        data_iter.set_state(data_state)
+        truncate_metrics(workdir, start)
+        log.info("[%s] resumed from step %d", job.name, start)
+    else:
+        state = jax.jit(lambda p: init_state(job.roles, p, config.seed), out_shardings=shardings)(job.initial_params())
+        start = 0
+        truncate_metrics(workdir, 0)
+    if start >= job.total_steps:
+        ckpt.close()
+        return state
+
+    writer = make_writer(workdir)
+    report = periodic_actions.ReportProgress(num_train_steps=job.total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)
+    config_json = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else "{}"
+
+    first = job.prepare_batch(next(data_iter))
+    batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in first.items()}
+    step_fn = jax.jit(job.train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None),
+                      donate_argnums=(0,))
+
+    every_ckpt = config.checkpoint.every_steps
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched: one step of lag
+    window: list[dict] = []
+    t_start, last_line = time.perf_counter(), 0.0
+    batch = first
+
+    def drain(upto_all: bool):
+        """Fetch metrics of finished steps; enforce the NaN policy; write averages every log interval."""
+        nonlocal window
+        keep = 0 if upto_all else 1
+        while len(pending) > keep:
+            s, m = pending.pop(0)
+            m = jax.device_get(m)
+            if not bool(m.pop("finite")):
+                msg = f"[{job.name}] non-finite loss or gradient at step {s}"
+                if config.nan_policy == "stop":
+                    raise NonFiniteError(msg + "; stopping (the last checkpoint is kept). "
+                                         "Set config.nan_policy='skip' to skip such steps instead.")
+                log.warning("%s; the update was skipped", msg)
+                m["skipped"] = 1.0
+            window.append({k: float(np.asarray(v)) for k, v in m.items()})
+            if s % config.log_every_steps == 0 or s == job.total_steps:
+                keys = sorted({k for w in window for k in w})
+                means = {k: float(np.mean([w[k] for w in window if k in w])) for k in keys}
+                if job.learning_rate is not None:
+                    means["learning_rate"] = float(job.learning_rate(s))
+                writer.write_scalars(s, means)
+                window = []
+
+    try:
+        for step in range(start, job.total_steps):
+            state, metrics = step_fn(state, to_global(batch, mesh))
+            done = step + 1
+            pending.append((done, metrics))
+            report(done)
+            save_now = done == job.total_steps or (every_ckpt and done % every_ckpt == 0)
+            drain(upto_all=save_now)
+            if save_now:
+                ckpt.save(done, state, data_iter.get_state(), {"config": config_json})
+            if job.on_sample and job.sample_every and done % job.sample_every == 0 and done < job.total_steps:
+                writer.write_scalars(done, job.on_sample(state, done))
+            now = time.perf_counter()
+            if done == start + 1:
+                jax.block_until_ready(state)
+                t_start = last_line = time.perf_counter()  # rates and ETA exclude compilation
+            elif jax.process_index() == 0 and (now - last_line > 10 or done == job.total_steps):
+                rate = (done - start - 1) / (now - t_start)
+                print(f"[{job.name}] step {done}/{job.total_steps}  {rate:.2f} steps/s  "
+                      f"ETA {_fmt_eta((job.total_steps - done) / max(rate, 1e-9))}", flush=True)
+                last_line = now
+            if done < job.total_steps:
+                batch = job.prepare_batch(next(data_iter))
+        drain(upto_all=True)
+        if job.on_sample:
+            writer.write_scalars(job.total_steps, job.on_sample(state, job.total_steps))
+    finally:
+        ckpt.close()
+        writer.flush()
+    return state
+
+
+def scalar_metrics(**values) -> dict[str, jax.Array]:
+    """Cast metric values to float32 scalars (keeps the jitted step's output uniform)."""
+    return {k: jnp.asarray(v, jnp.float32) if k != "finite" else v for k, v in values.items()}

@@ -1,0 +1,109 @@
+"""The multi-model train state and the roles that give it meaning.
+
+A *role* is one model in a job: its NNX graph definition, the logical axes of its parameters, its
+optimiser (None for a frozen model such as the teacher) and its EMA rate. The *state* is a single pytree
+holding every role's parameters, optimiser state and EMA copy, plus the step and the base RNG key: one
+object that is sharded, donated to the jitted step, and checkpointed as a whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from dollar_jax.models.layers import logical_axes
+from dollar_jax.parallel.sharding import replicated, tree_shardings
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Role:
+    name: str
+    graphdef: Any
+    axes: Any  # pure-dict tree of logical-axis tuples, same structure as the params
+    optimizer: optax.GradientTransformation | None = None  # None: frozen
+    ema_decay: float | None = None
+    static: Any = None  # non-parameter variables (e.g. normalisation statistics), constant during training
+
+    @property
+    def trainable(self) -> bool:
+        return self.optimizer is not None
+
+    def module(self, params):
+        """The NNX module with the given parameters (use inside jitted functions)."""
+        if self.static is None:
+            return nnx.merge(self.graphdef, params)
+        return nnx.merge(self.graphdef, params, self.static)
+
+
+def split_model(name: str, model: nnx.Module, optimizer=None, ema_decay=None) -> tuple[Role, dict]:
+    """A role and its initial parameters (pure dict) from a concrete or abstract NNX module."""
+    graphdef, params, static = nnx.split(model, nnx.Param, ...)
+    static_pure = static if len(jax.tree.leaves(static)) else None
+    role = Role(name, graphdef, logical_axes(params), optimizer, ema_decay, static_pure)
+    return role, nnx.to_pure_dict(params)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: completed steps
+    rng: jax.Array  # uint32[2] base key; each step uses fold_in(rng, step)
+    params: dict[str, Any]
+    opt_state: dict[str, Any]
+    ema: dict[str, Any]
+
+    def step_key(self) -> jax.Array:
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def init_state(roles: Mapping[str, Role], params: Mapping[str, Any], seed: int) -> TrainState:
+    """Pure: optimiser states and EMA copies from the initial parameters (jit it with out_shardings)."""
+    opt_state = {n: r.optimizer.init(params[n]) for n, r in roles.items() if r.trainable}
+    ema = {n: jax.tree.map(jnp.copy, params[n]) for n, r in roles.items() if r.ema_decay is not None}
+    return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)),
+                      params=dict(params), opt_state=opt_state, ema=ema)
+
+
+def state_shardings(roles: Mapping[str, Role], abstract: TrainState, mesh: Mesh) -> TrainState:
+    """NamedShardings for every leaf: parameters, EMA and optimiser moments follow the rules table."""
+    rep = replicated(mesh)
+    params = {n: tree_shardings(mesh, abstract.params[n], roles[n].axes) for n in abstract.params}
+    ema = {n: params[n] for n in abstract.ema}
+    opt_state = {}
+    for n, opt in abstract.opt_state.items():
+        opt_state[n] = optax.tree_map_params(
+            roles[n].optimizer, lambda _, s: s, opt, params[n],
+            transform_non_params=lambda _: rep,
+            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+        )
+    return TrainState(step=rep, rng=rep, params=params, opt_state=opt_state, ema=ema)
+
+
+def apply_gradients(state: TrainState, role: Role, grads) -> tuple[dict, Any, jax.Array]:
+    """One optimiser update of `role`: (new params, new optimiser state, global gradient norm)."""
+    params, opt = state.params[role.name], state.opt_state[role.name]
+    updates, opt = role.optimizer.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, optax.global_norm(grads)
+
+
+def update_ema(ema, params, decay: float):
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params)
+
+
+def all_finite(*trees) -> jax.Array:
+    leaves = [x for t in trees for x in jax.tree.leaves(t)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def keep_if_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    """The NaN/Inf guard: a step whose losses or gradients are not finite leaves the state as it was
+    (only the step counter advances), so a bad batch can never poison parameters, moments or EMA."""
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return kept.replace(step=new.step)

@@ -1,0 +1,128 @@
+"""The generic training loop on a toy regression job: resume, NaN policy, corrupt-checkpoint recovery."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dollar_jax.config import base_config
+from dollar_jax.data.pipeline import train_dataset
+from dollar_jax.models.layers import Dense
+from dollar_jax.train.checkpointing import RunCheckpointer
+from dollar_jax.train.loop import Job, NonFiniteError, scalar_metrics, train
+from dollar_jax.train.metrics import read_metrics
+from dollar_jax.train.optim import make_optimizer
+from dollar_jax.train.state import all_finite, apply_gradients, keep_if_finite, split_model, update_ema
+
+
+class Toy(nnx.Module):
+    def __init__(self, rngs):
+        self.layer = Dense(4, 1, ("embed", None), rngs=rngs)
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+SOURCE = [{"x": np.random.default_rng(i).standard_normal(4).astype(np.float32),
+           "y": np.asarray([float(i % 7)], np.float32)} for i in range(64)]
+
+
+def toy_config(total=30, every=10, nan_policy="stop"):
+    c = base_config()
+    c.total_steps, c.log_every_steps, c.nan_policy = total, 1, nan_policy
+    c.checkpoint.every_steps = every
+    c.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1))
+    return c
+
+
+def toy_job(config, poison_step=-1):
+    optimizer, lr = make_optimizer(config.optim, config.total_steps)
+    make = lambda: Toy(nnx.Rngs(0))
+    role, _ = split_model("toy", make(), optimizer, ema_decay=0.9)
+
+    def step(state, batch):
+        def loss_fn(p):
+            pred = role.module(p)(batch["x"])
+            bad = jnp.where(state.step == poison_step, jnp.nan, 1.0)
+            return jnp.mean(jnp.square(pred - batch["y"])) * bad
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params["toy"])
+        params, opt, gnorm = apply_gradients(state, role, grads)
+        new = state.replace(step=state.step + 1, params={"toy": params}, opt_state={"toy": opt},
+                            ema={"toy": update_ema(state.ema["toy"], params, 0.9)})
+        finite = all_finite(loss, grads)
+        return keep_if_finite(finite, new, state), scalar_metrics(loss=loss, grad_norm=gnorm, finite=finite)
+
+    return Job(name="toy", roles={"toy": role}, abstract_params=lambda: {"toy": split_model("t", make())[1]},
+               initial_params=lambda: {"toy": split_model("t", make())[1]}, train_step=step,
+               dataset=train_dataset(SOURCE, 8, seed=0), total_steps=config.total_steps, learning_rate=lr)
+
+
+def _params(state):
+    return np.asarray(jax.device_get(state.params["toy"]["layer"]["kernel"]))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    config = toy_config()
+    reference = train(toy_job(config), config, str(tmp_path / "ref"))
+    # Interrupted run: stop after 20 steps (a checkpoint), then carry on to 30 from the same workdir.
+    short = toy_config(total=20)
+    train(toy_job(short), short, str(tmp_path / "run"))
+    resumed = train(toy_job(config), config, str(tmp_path / "run"))
+    np.testing.assert_array_equal(_params(resumed), _params(reference))
+    ref_rows = [r for r in read_metrics(str(tmp_path / "ref")) if "loss" in r]
+    run_rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert [r["step"] for r in run_rows] == list(range(1, 31))
+    assert [r["loss"] for r in run_rows] == [r["loss"] for r in ref_rows]
+
+
+def test_nan_stop_reports_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    config = toy_config(total=30, every=10)
+    with pytest.raises(NonFiniteError, match="step 15"):
+        train(toy_job(config, poison_step=14), config, str(tmp_path))  # the 15th step (state.step == 14)
+    assert RunCheckpointer(str(tmp_path / "checkpoints")).steps() == [10]
+
+
+def test_nan_skip_leaves_the_state_untouched_for_that_step(tmp_path):
+    config = toy_config(total=16, every=8, nan_policy="skip")
+    skipped = train(toy_job(config, poison_step=5), config, str(tmp_path / "skip"))
+    rows = {r["step"]: r for r in read_metrics(str(tmp_path / "skip")) if "loss" in r}
+    assert rows[6].get("skipped") == 1.0 and "skipped" not in rows[5]
+    assert int(skipped.step) == 16
+    # The skipped 6th step changed nothing: a run stopped after 5 steps and one stopped after 6 hold the same
+    # parameters and EMA.
+    c5, c6 = toy_config(total=5, every=5, nan_policy="skip"), toy_config(total=6, every=6, nan_policy="skip")
+    s5 = train(toy_job(c5, poison_step=5), c5, str(tmp_path / "five"))
+    s6 = train(toy_job(c6, poison_step=5), c6, str(tmp_path / "six"))
+    np.testing.assert_array_equal(_params(s5), _params(s6))
+    np.testing.assert_array_equal(np.asarray(s5.ema["toy"]["layer"]["kernel"]), np.asarray(s6.ema["toy"]["layer"]["kernel"]))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    config = toy_config(total=20, every=10)
+    train(toy_job(config), config, str(tmp_path))
+    ckdir = tmp_path / "checkpoints"
+    # Truncate every data file of the newest checkpoint's state.
+    for root, _, files in os.walk(ckdir / "20" / "state"):
+        for f in files:
+            if "ocdbt" in root or f.startswith("d") or root.endswith("/d"):
+                path = os.path.join(root, f)
+                with open(path, "r+b") as fh:
+                    fh.truncate(max(0, os.path.getsize(path) // 3))
+    longer = toy_config(total=25, every=10)
+    reference = train(toy_job(longer), longer, str(tmp_path / "fresh"))
+    resumed = train(toy_job(longer), longer, str(tmp_path))
+    names = sorted(os.listdir(ckdir))
+    assert any(n.startswith("20.corrupt") for n in names), names  # kept aside, not deleted
+    np.testing.assert_array_equal(_params(resumed), _params(reference))
+
+
+def test_unknown_config_key_is_an_error():
+    c = base_config()
+    with pytest.raises(AttributeError, match="learning_rat"):
+        c.optim.learning_rat = 1.0
+    with pytest.raises(TypeError):
+        c.total_steps = "many"

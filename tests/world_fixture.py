@@ -1,0 +1,38 @@
+"""One embedded-world pipeline per test session: videos -> autoencoder -> latents -> teacher.
+
+Built once (about three minutes on 2 CPU cores) and shared by every test that needs a trained world, so
+no test module retrains what another already trained.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dollar_jax.config import base_config, embedded_world
+
+
+def world_test_config(workdir: str, **overrides):
+    """The tests' world: the quick model and a smaller dataset, but an autoencoder trained to full quality
+    and a teacher trained long enough to follow colour and size."""
+    c = embedded_world(base_config(), quick=True)
+    c.world.update(dict(num_train=2048, num_val=128))
+    c.autoencoder.update(dict(steps=1000))
+    c.data.dir = os.path.join(workdir, "data")
+    c.autoencoder.dir = os.path.join(workdir, "autoencoder")
+    c.teacher.dir = os.path.join(workdir, "teacher")
+    c.job = "teacher"
+    c.total_steps = 1000
+    c.ema_decay = 0.995
+    c.optim.warmup_steps = 50
+    c.data.batch_size = 32
+    c.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1))  # one device: faster than 8 virtual ones on 2 cores
+    c.sampling.every_steps = 0
+    c.checkpoint.every_steps = 500
+    c.log_every_steps = 50
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
