@@ -43,7 +43,7 @@ def toy_job(config, poison_step=-1):
     make = lambda: Toy(nnx.Rngs(0))
     role, _ = split_model("toy", make(), optimizer, ema_decay=0.9)
 
-    def step(state, batch):
+    def step(state, frozen, batch):
         def loss_fn(p):
             pred = role.module(p)(batch["x"])
             bad = jnp.where(state.step == poison_step, jnp.nan, 1.0)

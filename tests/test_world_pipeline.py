@@ -125,3 +125,39 @@ def test_sigkill_mid_interval_then_resume_is_bit_exact(world_run, tmp_path):
     assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
     ref = tmp_path / "ref" / "teacher" / "config.json"
     assert json.loads(ref.read_text())["source"]["steps"] == 120
+
+
+def _teacher_losses(config, workdir, run_dir, mesh):
+    from dollar_jax.jobs import teacher as teacher_job
+    from dollar_jax.train.loop import train
+    from dollar_jax.train.metrics import read_metrics
+
+    c = config.copy_and_resolve_references()
+    c.mesh.update(mesh)
+    c.total_steps, c.log_every_steps, c.checkpoint.every_steps = 3, 1, 3
+    job = teacher_job.make_job(c, workdir)
+    train(job, c, run_dir)
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+def test_teacher_step_on_8_devices_equals_one_device(world_run, tmp_path):
+    config, workdir = world_run
+    one = _teacher_losses(config, workdir, str(tmp_path / "one"), dict(data=1, fsdp=1, context=1, tensor=1))
+    eight = _teacher_losses(config, workdir, str(tmp_path / "eight"), dict(data=2, fsdp=2, context=1, tensor=2))
+    assert len(one) == 3
+    np.testing.assert_allclose(eight, one, rtol=2e-5)
+
+
+def test_dataset_that_does_not_fit_the_model_is_named(world_run):
+    from dollar_jax.jobs import teacher as teacher_job
+
+    config, workdir = world_run
+    c = config.copy_and_resolve_references()
+    c.model.in_channels = c.model.out_channels = 8
+    with pytest.raises(arrays_dataset.DatasetError, match=r"latents are \(4, 8, 8, 16\).*in_channels"):
+        teacher_job.make_job(c, workdir)
+    c = config.copy_and_resolve_references()
+    c.data.latents = "no_such_dataset"
+    with pytest.raises(arrays_dataset.DatasetError, match="No dataset 'no_such_dataset'"):
+        teacher_job.make_job(c, workdir)

@@ -57,20 +57,25 @@ def ddim_step(x0: jax.Array, eps: jax.Array, alpha_next, sigma_next) -> jax.Arra
 
 def sample(denoiser: Denoiser, x_start: jax.Array, timesteps, schedule: Schedule, *, renoise: str = "ddim",
            rng: jax.Array | None = None, final_timestep=None) -> jax.Array:
-    """Run the grid `timesteps` (descending, static length) from `x_start` at timesteps[0].
+    """Run the grid `timesteps` (descending; static length) from `x_start` at timesteps[0].
 
+    `timesteps` is [n] (one grid for the batch) or [n, B] (a grid per example, e.g. the CD teacher's
+    partial solves); `final_timestep` is None (end at clean data), a scalar or [B].
     Returns clean samples (float32), or x at `final_timestep` when it is given.
     """
     if renoise not in RENOISE:
         raise ValueError(f"renoise must be one of {RENOISE}, got {renoise!r}")
     if renoise == "fresh" and rng is None:
         raise ValueError("renoise='fresh' (consistency sampling) needs an rng")
+    batch = x_start.shape[:1]
     timesteps = jnp.asarray(timesteps, jnp.float32)
+    timesteps = jnp.broadcast_to(timesteps[:, None], (timesteps.shape[0], *batch)) if timesteps.ndim == 1 else timesteps
     alphas, sigmas = schedule.alpha_sigma(timesteps)
     if final_timestep is None:
-        a_end, s_end = jnp.ones((1,), jnp.float32), jnp.zeros((1,), jnp.float32)
+        a_end, s_end = jnp.ones((1, *batch), jnp.float32), jnp.zeros((1, *batch), jnp.float32)
     else:
-        a_end, s_end = (jnp.reshape(v, (1,)) for v in schedule.alpha_sigma(jnp.asarray(final_timestep, jnp.float32)))
+        t_end = jnp.broadcast_to(jnp.asarray(final_timestep, jnp.float32), batch)
+        a_end, s_end = (v[None] for v in schedule.alpha_sigma(t_end))
     alpha_next = jnp.concatenate([alphas[1:], a_end])
     sigma_next = jnp.concatenate([sigmas[1:], s_end])
     rng = jax.random.key(0) if rng is None else rng
@@ -78,7 +83,7 @@ def sample(denoiser: Denoiser, x_start: jax.Array, timesteps, schedule: Schedule
     def step(carry, inputs):
         x, key = carry
         t, a_n, s_n = inputs
-        x0, eps = denoiser(x, jnp.broadcast_to(t, x.shape[:1]))
+        x0, eps = denoiser(x, t)
         if renoise == "fresh":
             key, sub = jax.random.split(key)
             eps = jax.random.normal(sub, x.shape, jnp.float32)

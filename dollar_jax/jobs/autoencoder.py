@@ -45,7 +45,7 @@ def make_job(config, workdir: str) -> Job:
     role, _ = split_model("autoencoder", make(), optimizer)
     kl_weight = float(config.autoencoder.kl_weight)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, frozen, batch):
         def loss_fn(p):
             return autoencoder_loss(role.module(p), batch["video"], state.step_key(), kl_weight)
 

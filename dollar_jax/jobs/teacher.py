@@ -23,6 +23,7 @@ from dollar_jax.jobs.precompute import load_null_text, text_encoder
 from dollar_jax.losses.denoising import denoising_loss, drop_text
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.layers import abstract
+from dollar_jax.parallel.sharding import replicated
 from dollar_jax.train.loop import Job, scalar_metrics, train
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.state import (TrainState, all_finite, apply_gradients, keep_if_finite, split_model,
@@ -59,15 +60,15 @@ def make_job(config, workdir: str) -> Job:
     dit = dit_config(config)
     latent_shape, _ = check_dataset_fits(config, paths.data, dit)
     schedule, prediction_type = schedule_of(config), config.diffusion.prediction_type
-    null_text = jnp.asarray(load_null_text(paths.data, config.data.latents))
+    null_text = load_null_text(paths.data, config.data.latents)
     optimizer, lr = make_optimizer(config.optim, config.total_steps)
     make = lambda: WanDiT(dit, rngs=nnx.Rngs(config.seed))
     role, _ = split_model("teacher", abstract(make), optimizer, config.ema_decay)
     p_drop = float(config.teacher.text_dropout)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, frozen, batch):
         k_drop, k_loss = jax.random.split(state.step_key())
-        text = drop_text(k_drop, batch["text"], null_text, p_drop)
+        text = drop_text(k_drop, batch["text"], frozen["null_text"], p_drop)
 
         def loss_fn(p):
             loss, _ = denoising_loss(role.module(p), batch["latents"], text, k_loss, schedule, prediction_type)
@@ -89,6 +90,7 @@ def make_job(config, workdir: str) -> Job:
         train_step=train_step,
         dataset=train_dataset(source, config.data.batch_size, config.data.shuffle_seed, map_fn=latents_batch),
         total_steps=config.total_steps, learning_rate=lr,
+        frozen=lambda mesh: {"null_text": jax.device_put(null_text, replicated(mesh))},
     )
     if config.sampling.every_steps:
         job.on_sample = make_evaluator(config, workdir, role, latent_shape)

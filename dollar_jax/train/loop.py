@@ -39,13 +39,17 @@ class Job:
     roles: Mapping[str, Role]
     abstract_params: Callable[[], dict]  # cheap: shapes/dtypes only (jax.eval_shape of the initialiser)
     initial_params: Callable[[], dict]  # called only when there is no checkpoint to resume
-    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # pure; metrics must include "finite"
+    # Pure: (state, frozen, batch) -> (state, metrics); metrics must include "finite".
+    train_step: Callable[[TrainState, dict, dict], tuple[TrainState, dict]]
     dataset: Any  # grain IterDataset of host-local NumPy batches
     total_steps: int
     prepare_batch: Callable[[dict], dict] = numeric  # host-side: NumPy batch -> the arrays the step reads
     on_sample: Callable[[TrainState, int], dict] | None = None  # writes samples, returns metrics to log
     sample_every: int = 0
     learning_rate: Callable[[int], float] | None = None
+    # Inputs the step reads but never changes (the frozen teacher, the null text): placed on the mesh once,
+    # passed to every step, neither donated nor checkpointed (they are inputs of the run, not its state).
+    frozen: Callable[[Any], dict] | None = None  # mesh -> pytree of placed arrays
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -93,8 +97,10 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
 
     first = job.prepare_batch(next(data_iter))
     batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in first.items()}
-    step_fn = jax.jit(job.train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None),
-                      donate_argnums=(0,))
+    frozen = job.frozen(mesh) if job.frozen else {}
+    frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+    step_fn = jax.jit(job.train_step, in_shardings=(shardings, frozen_shardings, batch_shardings),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
 
     every_ckpt = config.checkpoint.every_steps
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched: one step of lag
@@ -127,7 +133,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
 
     try:
         for step in range(start, job.total_steps):
-            state, metrics = step_fn(state, to_global(batch, mesh))
+            state, metrics = step_fn(state, frozen, to_global(batch, mesh))
             done = step + 1
             pending.append((done, metrics))
             report(done)
