@@ -15,11 +15,6 @@ def get_config(arg: str | None = None):
         raise ValueError(f"Unknown variant {arg!r}; use configs/world_teacher.py or configs/world_teacher.py:quick")
     c = embedded_world(base_config(), quick)
     c.job = "teacher"
-    c.total_steps = 200 if quick else 3000
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 20 if quick else 200
-    c.ema_decay = 0.99 if quick else 0.999
-    c.teacher.text_dropout = 0.1
     c.sampling.every_steps = 100 if quick else 1000
     c.checkpoint.every_steps = 50 if quick else 500
     return c

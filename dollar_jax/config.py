@@ -25,6 +25,17 @@ def _dit_defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(d)
 
 
+def optimizer(**overrides) -> ml_collections.ConfigDict:
+    """An optimiser section: AdamW, linear warm-up, then cosine/linear decay (or constant), global-norm clip."""
+    c = dict(name="adamw", learning_rate=1e-3, warmup_steps=0, decay="cosine", final_lr_fraction=0.1,
+             b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+    unknown = set(overrides) - set(c)
+    if unknown:
+        raise KeyError(f"Unknown optimizer keys {sorted(unknown)}")
+    c.update(overrides)
+    return ml_collections.ConfigDict(c)
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.job = "teacher"
@@ -32,7 +43,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Build the embedded shapes world's prerequisites (videos -> autoencoder -> latents) when a job needs
     # them. Real runs set this False and point config.data at precomputed latents.
     c.embedded_world = True
-    c.total_steps = 1000
 
     # Device mesh (one axis may be -1: all remaining devices) and optional logical-axis rule overrides.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
@@ -46,7 +56,6 @@ def base_config() -> ml_collections.ConfigDict:
         dir="",
         videos="shapes_world",  # the video dataset the autoencoder trains on and `precompute` encodes
         latents="world_latents",  # the dataset of (latents, text embeddings) every diffusion job reads
-        batch_size=32,  # global batch; each host reads batch_size / process_count
         shuffle_seed=0,
         read_threads=2,
         prefetch=4,
@@ -73,20 +82,38 @@ def base_config() -> ml_collections.ConfigDict:
         flow_shift=3.0, prediction_type="conjugate_v",
     ))
 
-    # Optimiser of the model being trained (teacher pre-training; distillation has its own below).
-    c.optim = ml_collections.ConfigDict(dict(
-        name="adamw", learning_rate=1e-3, warmup_steps=200, decay="cosine", final_lr_fraction=0.1,
-        b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
-    ))
-    c.ema_decay = 0.999
-
     # Teacher pre-training.
+    # Every training stage has its own steps, global batch (each host reads batch / process_count) and optimiser.
     c.teacher = ml_collections.ConfigDict(dict(
+        steps=3000, batch_size=32, ema_decay=0.999,
+        optim=optimizer(learning_rate=1e-3, warmup_steps=200),
         text_dropout=0.1,  # probability of training on the null text (makes CFG possible)
-        loss_weighting="none",  # "none" | "snr_trunc" (min(SNR, 1)-style truncation on the target)
         dir="",  # defaults to <workdir>/teacher
     ))
 
+    # DOLLAR distillation (dollar_jax/jobs/distill.py). Architecture and parameterisation come from the
+    # teacher folder; config.model only contributes numerics (dtype, param_dtype, remat_policy, attention).
+    c.distill = ml_collections.ConfigDict(dict(
+        steps=600, batch_size=16,
+        # DMD2's Adam(b1 = 0); rates measured on the embedded world (BENCHMARKS.md); real teachers want ~1e-5.
+        optim=optimizer(learning_rate=1e-4, warmup_steps=0, decay="constant", b1=0.0, b2=0.999),  # the student
+        fake_optim=optimizer(learning_rate=2e-4, warmup_steps=0, decay="constant", b1=0.0, b2=0.999),
+        teacher="",  # teacher model folder; default <workdir>/teacher
+        teacher_dtype="float32",  # storage dtype of the frozen teacher ("bfloat16" halves its memory)
+        name="student",  # run name and export folder <workdir>/<name>
+        student_timesteps=(999.0, 749.0, 499.0, 249.0),  # the paper's 4-step student
+        sample_mode="backward_simulation",  # or "noised_data"
+        # VSD (DMD2 form): real score = teacher with CFG; fake score unguided, trained online.
+        vsd_weight=1.0, real_guidance=3.5, real_convention="uncond_anchor", vsd_t_min=0.02, vsd_t_max=0.98,
+        # CD: m teacher DDIM steps on the teacher's grid, CFG 7.5 in the paper's cond-anchored form.
+        cd_weight=0.5, cd_steps=5, cd_grid=50, cd_guidance=7.5, cd_convention="cond_anchor",
+        cd_distance="huber", huber_c=0.001,
+        fake_updates=5,  # fake-score updates per generator update (the paper: 5)
+        student_ema_decay=0.95,  # the CD target network
+        sigma_data=0.5, timestep_scale=10.0,  # LCM boundary scalings
+        export="raw",  # export the raw student ("raw") or its EMA ("ema")
+        eval_steps=(1, 2, 4),  # step counts evaluated and reported for the student
+    ))
     # Sampling (periodic samples, evaluation, `dollar_jax.sample`).
     c.sampling = ml_collections.ConfigDict(dict(
         steps=50, guidance_scale=4.5, convention="uncond_anchor", num_videos=8, every_steps=0, fps=8,
@@ -114,7 +141,9 @@ def embedded_world(c: ml_collections.ConfigDict, quick: bool = False) -> ml_coll
         c.world.update(dict(num_train=512, num_val=64))
         c.autoencoder.steps = 150
         c.model.update(dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2))
-        c.data.batch_size = 16
+        c.teacher.update(dict(steps=200, batch_size=16, ema_decay=0.99))
+        c.teacher.optim.warmup_steps = 20
+        c.distill.update(dict(steps=40, batch_size=8, fake_updates=2))
         c.sampling.steps = 10
         c.sampling.num_videos = 4
         c.checkpoint.every_steps = 50
@@ -131,8 +160,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.diffusion.schedule not in ("vp", "flow"):
         raise ValueError(f"config.diffusion.schedule must be 'vp' or 'flow', got {config.diffusion.schedule!r}")
     dit_config(config)  # raises on bad model fields
-    if config.data.batch_size <= 0:
-        raise ValueError("config.data.batch_size must be positive")
+    for stage in ("autoencoder", "teacher", "distill"):
+        if config[stage].batch_size <= 0 or config[stage].steps <= 0:
+            raise ValueError(f"config.{stage}.batch_size and config.{stage}.steps must be positive")
 
 
 def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:

@@ -33,7 +33,7 @@ def run_job(config, workdir: str):
             from dollar_jax.jobs import precompute
 
             precompute.run(config, workdir)
-        if job == "distill":
+        if job == "distill" and not config.distill.teacher:  # an explicit teacher folder is used as given
             from dollar_jax.jobs import teacher
 
             teacher.run(config, workdir)
@@ -60,7 +60,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/tfds chatter
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax/tfds chatter
     logging.getLogger("dollar_jax").setLevel(logging.INFO)
     os.makedirs(_WORKDIR.value, exist_ok=True)
     from dollar_jax.parallel.distributed import maybe_initialize

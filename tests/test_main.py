@@ -14,15 +14,15 @@ def _main(*args):
 
 
 def test_mistyped_override_fails_before_any_work(tmp_path):
-    out = _main("--config=configs/world_teacher.py:quick", f"--workdir={tmp_path}", "--config.optim.learnig_rate=1")
+    out = _main("--config=configs/world_teacher.py:quick", f"--workdir={tmp_path}", "--config.teacher.optim.learnig_rate=1")
     assert out.returncode != 0
     assert "learnig_rate" in out.stderr
     assert not (tmp_path / "data").exists()
 
 
 def test_wrongly_typed_override_fails(tmp_path):
-    out = _main("--config=configs/world_teacher.py:quick", f"--workdir={tmp_path}", "--config.total_steps=lots")
-    assert out.returncode != 0 and "total_steps" in out.stderr
+    out = _main("--config=configs/world_teacher.py:quick", f"--workdir={tmp_path}", "--config.teacher.steps=lots")
+    assert out.returncode != 0 and "steps" in out.stderr
 
 
 def test_unknown_config_variant_fails(tmp_path):

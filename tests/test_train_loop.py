@@ -32,14 +32,15 @@ SOURCE = [{"x": np.random.default_rng(i).standard_normal(4).astype(np.float32),
 
 def toy_config(total=30, every=10, nan_policy="stop"):
     c = base_config()
-    c.total_steps, c.log_every_steps, c.nan_policy = total, 1, nan_policy
+    c.teacher.steps, c.log_every_steps, c.nan_policy = total, 1, nan_policy
     c.checkpoint.every_steps = every
+    c.teacher.optim.update(dict(decay="constant", warmup_steps=0, learning_rate=1e-2))  # same for any total
     c.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1))
     return c
 
 
 def toy_job(config, poison_step=-1):
-    optimizer, lr = make_optimizer(config.optim, config.total_steps)
+    optimizer, lr = make_optimizer(config.teacher.optim, config.teacher.steps)
     make = lambda: Toy(nnx.Rngs(0))
     role, _ = split_model("toy", make(), optimizer, ema_decay=0.9)
 
@@ -58,7 +59,7 @@ def toy_job(config, poison_step=-1):
 
     return Job(name="toy", roles={"toy": role}, abstract_params=lambda: {"toy": split_model("t", make())[1]},
                initial_params=lambda: {"toy": split_model("t", make())[1]}, train_step=step,
-               dataset=train_dataset(SOURCE, 8, seed=0), total_steps=config.total_steps, learning_rate=lr)
+               dataset=train_dataset(SOURCE, 8, seed=0), total_steps=config.teacher.steps, learning_rate=lr)
 
 
 def _params(state):
@@ -123,6 +124,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_unknown_config_key_is_an_error():
     c = base_config()
     with pytest.raises(AttributeError, match="learning_rat"):
-        c.optim.learning_rat = 1.0
+        c.teacher.optim.learning_rat = 1.0
     with pytest.raises(TypeError):
-        c.total_steps = "many"
+        c.distill.steps = "many"

@@ -102,7 +102,7 @@ def _losses(workdir):
 def test_sigkill_mid_interval_then_resume_is_bit_exact(world_run, tmp_path):
     config, workdir = world_run
     paths = Paths.of(config, workdir)
-    shared = {"data.dir": paths.data, "autoencoder.dir": paths.autoencoder, "total_steps": 120,
+    shared = {"data.dir": paths.data, "autoencoder.dir": paths.autoencoder, "teacher.steps": 120,
               "checkpoint.every_steps": 40, "log_every_steps": 1, "sampling.every_steps": 0,
               "world.num_train": config.world.num_train, "world.num_val": config.world.num_val,
               "mesh.fsdp": 1}
@@ -134,7 +134,7 @@ def _teacher_losses(config, workdir, run_dir, mesh):
 
     c = config.copy_and_resolve_references()
     c.mesh.update(mesh)
-    c.total_steps, c.log_every_steps, c.checkpoint.every_steps = 3, 1, 3
+    c.teacher.steps, c.log_every_steps, c.checkpoint.every_steps = 3, 1, 3
     job = teacher_job.make_job(c, workdir)
     train(job, c, run_dir)
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]

@@ -21,10 +21,8 @@ def world_test_config(workdir: str, **overrides):
     c.autoencoder.dir = os.path.join(workdir, "autoencoder")
     c.teacher.dir = os.path.join(workdir, "teacher")
     c.job = "teacher"
-    c.total_steps = 1000
-    c.ema_decay = 0.995
-    c.optim.warmup_steps = 50
-    c.data.batch_size = 32
+    c.teacher.update(dict(steps=1000, batch_size=32, ema_decay=0.995))
+    c.teacher.optim.warmup_steps = 50
     c.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1))  # one device: faster than 8 virtual ones on 2 cores
     c.sampling.every_steps = 0
     c.checkpoint.every_steps = 500

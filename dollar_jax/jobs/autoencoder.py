@@ -7,11 +7,11 @@ import logging
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from dollar_jax.checkpoint import PARAMS_DIR, read_model_folder_config, restore_pytree, write_model_folder
+from dollar_jax.config import optimizer as optimizer_config
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.pipeline import eval_batches, train_dataset
 from dollar_jax.jobs.common import Paths, world_config
@@ -26,20 +26,14 @@ log = logging.getLogger(__name__)
 STATS_CLIPS = 1024
 
 
-def _optim_config(config) -> ml_collections.ConfigDict:
-    c = config.optim.copy_and_resolve_references()
-    with c.unlocked():
-        c.learning_rate, c.warmup_steps = config.autoencoder.learning_rate, config.autoencoder.warmup_steps
-    return c
-
-
 def make_job(config, workdir: str) -> Job:
     paths, wcfg = Paths.of(config, workdir), world_config(config)
     arrays_dataset.check_features(paths.data, config.data.videos, video_spec(wcfg))
     ae_cfg = AutoencoderConfig.from_config(config.autoencoder)
     ae_cfg.latent_shape(wcfg.num_frames, wcfg.height, wcfg.width)  # fail early on indivisible shapes
     steps = config.autoencoder.steps
-    optimizer, lr = make_optimizer(_optim_config(config), steps)
+    a = config.autoencoder
+    optimizer, lr = make_optimizer(optimizer_config(learning_rate=a.learning_rate, warmup_steps=a.warmup_steps), steps)
     make = lambda: Autoencoder(ae_cfg, rngs=nnx.Rngs(config.seed))
     # Built concretely (it is small): the role keeps the non-trained latent statistics as real arrays.
     role, _ = split_model("autoencoder", make(), optimizer)

@@ -34,3 +34,16 @@ class Paths:
 def world_config(config) -> WorldConfig:
     w = config.world
     return WorldConfig(num_frames=w.num_frames, height=w.height, width=w.width)
+
+
+def conditioning_sections(config, workdir: str, latent_shape) -> dict:
+    """What a model folder needs to generate on its own: latent shape, and in the embedded world the text
+    encoder's settings and where the autoencoder lives (so `python -m dollar_jax.sample` can decode)."""
+    out = {"latents": {"shape": list(latent_shape)}}
+    if config.embedded_world:
+        w = config.world
+        out["text"] = {"encoder": "world_words", "max_length": config.text.max_length, "dim": config.text.dim,
+                       "seed": config.text.seed}
+        out["world"] = {"autoencoder": Paths.of(config, workdir).autoencoder, "num_frames": w.num_frames,
+                        "height": w.height, "width": w.width}
+    return out

@@ -18,7 +18,7 @@ from dollar_jax.data.pipeline import eval_batches, train_dataset
 from dollar_jax.eval import video_io, world_eval
 from dollar_jax.eval.generate import make_generate, teacher_spec
 from dollar_jax.jobs import autoencoder as autoencoder_job
-from dollar_jax.jobs.common import Paths, world_config
+from dollar_jax.jobs.common import Paths, conditioning_sections, world_config
 from dollar_jax.jobs.precompute import load_null_text, text_encoder
 from dollar_jax.losses.denoising import denoising_loss, drop_text
 from dollar_jax.models.dit import WanDiT
@@ -61,9 +61,10 @@ def make_job(config, workdir: str) -> Job:
     latent_shape, _ = check_dataset_fits(config, paths.data, dit)
     schedule, prediction_type = schedule_of(config), config.diffusion.prediction_type
     null_text = load_null_text(paths.data, config.data.latents)
-    optimizer, lr = make_optimizer(config.optim, config.total_steps)
+    tc = config.teacher
+    optimizer, lr = make_optimizer(tc.optim, tc.steps)
     make = lambda: WanDiT(dit, rngs=nnx.Rngs(config.seed))
-    role, _ = split_model("teacher", abstract(make), optimizer, config.ema_decay)
+    role, _ = split_model("teacher", abstract(make), optimizer, tc.ema_decay)
     p_drop = float(config.teacher.text_dropout)
 
     def train_step(state: TrainState, frozen, batch):
@@ -88,8 +89,8 @@ def make_job(config, workdir: str) -> Job:
         abstract_params=lambda: {"teacher": split_model("t", abstract(make))[1]},
         initial_params=lambda: {"teacher": jax.jit(lambda: split_model("t", make())[1])()},
         train_step=train_step,
-        dataset=train_dataset(source, config.data.batch_size, config.data.shuffle_seed, map_fn=latents_batch),
-        total_steps=config.total_steps, learning_rate=lr,
+        dataset=train_dataset(source, tc.batch_size, config.data.shuffle_seed, map_fn=latents_batch),
+        total_steps=tc.steps, learning_rate=lr,
         frozen=lambda mesh: {"null_text": jax.device_put(null_text, replicated(mesh))},
     )
     if config.sampling.every_steps:
@@ -152,5 +153,6 @@ def run(config, workdir: str) -> str:
         "diffusion": {"schedule": d.schedule, "prediction_type": d.prediction_type, "beta_schedule": d.beta_schedule,
                       "beta_start": d.beta_start, "beta_end": d.beta_end, "flow_shift": d.flow_shift},
         "source": {"format": "dollar-jax-teacher", "steps": int(state.step), "weights": "ema"},
+        **conditioning_sections(config, workdir, check_dataset_fits(config, paths.data, dit_config(config))[0]),
     }, jax.device_get(state.ema["teacher"]))
     return paths.teacher

@@ -14,6 +14,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dollar_jax.checkpoint import CheckpointError, check_compatible
@@ -30,22 +31,27 @@ class RunCheckpointer:
     def _open(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=self.asynchronous,
                                                create=True, cleanup_tmp_directories=True)
-        return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+        return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config", "host"))
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, config: dict) -> None:
-        """Start saving; `data_state` is the input iterator's position *now* (captured before returning)."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)),
-            force=True)
+    def save(self, step: int, state, data_state: dict, config: dict, host: dict | None = None) -> None:
+        """Start saving; `data_state` is the input iterator's position *now* (captured before returning).
+
+        `host`: host-side state of the job (NumPy arrays, e.g. the labeller's labelled latents), if any.
+        """
+        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                     config=ocp.args.JsonSave(config))
+        if host is not None:
+            items["host"] = ocp.args.StandardSave(host)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
-    def restore_latest(self, abstract_state):
-        """(state, data_state, step) of the newest readable checkpoint, or None when there is none.
+    def restore_latest(self, abstract_state, with_host: bool = False):
+        """(state, data_state, host_state, step) of the newest readable checkpoint, or None when there is none.
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings: arrays are restored straight
         into that placement. A checkpoint from another model size fails with the list of mismatches.
@@ -64,10 +70,13 @@ class RunCheckpointer:
                 self._quarantine(step, e)
                 continue
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+                if with_host:
+                    items["host"] = ocp.args.StandardRestore()
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
                 jax.block_until_ready(restored.state)
-                return restored.state, dict(restored.data), step
+                host = jax.tree.map(np.asarray, restored.host) if with_host else None
+                return restored.state, dict(restored.data), host, step
             except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on corrupt data
                 self._quarantine(step, e)
 

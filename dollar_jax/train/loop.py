@@ -50,6 +50,13 @@ class Job:
     # Inputs the step reads but never changes (the frozen teacher, the null text): placed on the mesh once,
     # passed to every step, neither donated nor checkpointed (they are inputs of the run, not its state).
     frozen: Callable[[Any], dict] | None = None  # mesh -> pytree of placed arrays
+    # Host-side companions of the step (the reward labeller): extra NumPy inputs for step `done`, a callback
+    # with the step's "_outputs" and its host batch, and host state saved/restored with the checkpoints.
+    extra_inputs: Callable[[int], dict] | None = None
+    after_step: Callable[[int, dict, dict], None] | None = None
+    host_state: Callable[[], dict] | None = None
+    restore_host_state: Callable[[dict], None] | None = None
+    close: Callable[[], None] | None = None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -76,10 +83,12 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
     ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                            asynchronous=config.checkpoint.asynchronous)
     data_iter = iter(job.dataset)
-    restored = ckpt.restore_latest(target)
+    restored = ckpt.restore_latest(target, with_host=job.host_state is not None)
     if restored is not None:
-        state, data_state, start = restored
+        state, data_state, host, start = restored
         data_iter.set_state(data_state)
+        if job.restore_host_state is not None:
+            job.restore_host_state(host)
         truncate_metrics(workdir, start)
         log.info("[%s] resumed from step %d", job.name, start)
     else:
@@ -88,6 +97,8 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
         truncate_metrics(workdir, 0)
     if start >= job.total_steps:
         ckpt.close()
+        if job.close:
+            job.close()
         return state
 
     writer = make_writer(workdir)
@@ -95,7 +106,14 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                                              every_steps=config.log_every_steps)
     config_json = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else "{}"
 
-    first = job.prepare_batch(next(data_iter))
+    def host_batch(done: int):
+        raw = next(data_iter)
+        batch = job.prepare_batch(raw)
+        if job.extra_inputs is not None:
+            batch.update(job.extra_inputs(done))
+        return raw, batch
+
+    raw, first = host_batch(start + 1)
     batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in first.items()}
     frozen = job.frozen(mesh) if job.frozen else {}
     frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
@@ -135,12 +153,16 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
         for step in range(start, job.total_steps):
             state, metrics = step_fn(state, frozen, to_global(batch, mesh))
             done = step + 1
+            outputs = metrics.pop("_outputs", None)
+            if job.after_step is not None:
+                job.after_step(done, outputs, raw)
             pending.append((done, metrics))
             report(done)
             save_now = done == job.total_steps or (every_ckpt and done % every_ckpt == 0)
             drain(upto_all=save_now)
             if save_now:
-                ckpt.save(done, state, data_iter.get_state(), {"config": config_json})
+                host = job.host_state() if job.host_state is not None else None
+                ckpt.save(done, state, data_iter.get_state(), {"config": config_json}, host)
             if job.on_sample and job.sample_every and done % job.sample_every == 0 and done < job.total_steps:
                 writer.write_scalars(done, job.on_sample(state, done))
             now = time.perf_counter()
@@ -153,13 +175,15 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                       f"ETA {_fmt_eta((job.total_steps - done) / max(rate, 1e-9))}", flush=True)
                 last_line = now
             if done < job.total_steps:
-                batch = job.prepare_batch(next(data_iter))
+                raw, batch = host_batch(done + 1)
         drain(upto_all=True)
         if job.on_sample:
             writer.write_scalars(job.total_steps, job.on_sample(state, job.total_steps))
     finally:
         ckpt.close()
         writer.flush()
+        if job.close:
+            job.close()
     return state
 
 

@@ -86,11 +86,15 @@ def state_shardings(roles: Mapping[str, Role], abstract: TrainState, mesh: Mesh)
     return TrainState(step=rep, rng=rep, params=params, opt_state=opt_state, ema=ema)
 
 
+def optimizer_step(role: Role, params, opt_state, grads) -> tuple[dict, Any, jax.Array]:
+    """One optimiser update: (new params, new optimiser state, global gradient norm)."""
+    updates, opt_state = role.optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+
+
 def apply_gradients(state: TrainState, role: Role, grads) -> tuple[dict, Any, jax.Array]:
-    """One optimiser update of `role`: (new params, new optimiser state, global gradient norm)."""
-    params, opt = state.params[role.name], state.opt_state[role.name]
-    updates, opt = role.optimizer.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, optax.global_norm(grads)
+    """`optimizer_step` on the role's parameters and optimiser state held in `state`."""
+    return optimizer_step(role, state.params[role.name], state.opt_state[role.name], grads)
 
 
 def update_ema(ema, params, decay: float):

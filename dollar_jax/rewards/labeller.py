@@ -1,0 +1,128 @@
+"""The labeller: decode latents, score them with a pixel reward, keep them for latent-reward-model training.
+
+It runs beside the training step, in a background thread with a bounded queue: each step submits the
+latents it wants labelled (real data latents and the student's single-step x0 predictions) and goes on;
+the thread decodes (no gradient), scores on the host, and appends the labelled chunk.
+
+Determinism (exact resume, identical runs): what a step trains on must not depend on how fast the thread
+is. So step s samples only from chunks submitted at steps in (s - lag - window, s - lag], waiting for chunk
+s - lag if the thread is behind, with an RNG seeded by (seed, s). The thread only appends; chunks older
+than any future step can use are dropped. `state()` (saved with every checkpoint) flushes the queue and
+returns the live chunks; `restore()` puts them back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Labeller:
+    def __init__(self, decode: Callable[[np.ndarray], np.ndarray], reward: Callable, *, lag: int = 1,
+                 window: int = 64, seed: int = 0, max_pending: int = 4):
+        if lag < 1 or window < 1:
+            raise ValueError("Labeller needs lag >= 1 and window >= 1")
+        self.decode, self.reward = decode, reward
+        self.lag, self.window, self.seed = lag, window, seed
+        self._chunks: dict[int, dict[str, np.ndarray]] = {}  # source step -> labelled arrays
+        self._pending: set[int] = set()  # submitted, not yet labelled
+        self._done = threading.Condition()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="labeller", daemon=True)
+        self._thread.start()
+
+    # ---- the worker ------------------------------------------------------------------------------------
+    def _work(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            step, latents, text, prompts = item
+            try:
+                latents = np.asarray(latents, np.float32)
+                videos = self.decode(latents)
+                scores = np.asarray(self.reward(videos, prompts), np.float32)
+                if scores.shape != (len(latents),) or not np.all(np.isfinite(scores)):
+                    raise ValueError(f"reward returned {scores.shape} / non-finite values for {len(latents)} clips")
+                chunk = {"latents": latents, "text": np.asarray(text, np.float32), "score": scores}
+            except BaseException as e:  # noqa: BLE001 - reported to the training thread on its next call
+                with self._done:
+                    self._error = e
+                    self._done.notify_all()
+                return
+            with self._done:
+                self._chunks[step] = chunk
+                self._pending.discard(step)
+                self._done.notify_all()
+
+    def _raise_if_failed(self):
+        if self._error is not None:
+            raise RuntimeError(f"The labeller failed: {self._error!r}") from self._error
+
+    # ---- the training side -----------------------------------------------------------------------------
+    def submit(self, step: int, latents, text, prompts: Sequence[str]) -> None:
+        """Queue latents [N, ...] (NumPy or addressable jax arrays), text [N, L, D] and prompts for step `step`."""
+        self._raise_if_failed()
+        if len(prompts) != len(latents):
+            raise ValueError(f"{len(latents)} latents but {len(prompts)} prompts")
+        with self._done:
+            self._pending.add(int(step))
+        self._queue.put((int(step), latents, text, list(prompts)))
+
+    def _eligible(self, step: int) -> list[int]:
+        hi, lo = step - self.lag, step - self.lag - self.window
+        return sorted(s for s in self._chunks if lo < s <= hi)
+
+    def batch(self, step: int, size: int) -> dict[str, np.ndarray] | None:
+        """A deterministic training batch for step `step`, or None when no labelled data can exist yet.
+
+        Every step from 1 on submits one chunk; the call waits for chunk `step - lag` so that the answer never
+        depends on the thread's speed.
+        """
+        target = step - self.lag
+        with self._done:
+            must = target if target >= 1 else None
+            while must is not None and must not in self._chunks and self._error is None:
+                self._done.wait(timeout=1.0)
+            self._raise_if_failed()
+            for s in [s for s in self._chunks if s <= target - self.window]:
+                del self._chunks[s]  # no step from here on can sample these
+            steps = self._eligible(step)
+            if not steps:
+                return None
+            pool = {k: np.concatenate([self._chunks[s][k] for s in steps]) for k in ("latents", "text", "score")}
+        rng = np.random.default_rng([self.seed, step])
+        idx = rng.choice(len(pool["score"]), size=size, replace=len(pool["score"]) < size)
+        return {k: v[idx] for k, v in pool.items()}
+
+    def flush(self) -> None:
+        """Wait until everything submitted is labelled (or raise the worker's error)."""
+        with self._done:
+            while self._pending and self._error is None:
+                self._done.wait(timeout=1.0)
+            self._raise_if_failed()
+
+    def state(self) -> dict:
+        """Every live labelled chunk, after finishing the queued work: {"steps": [...], "chunks": {"<s>": {...}}}."""
+        self.flush()
+        with self._done:
+            out = {"steps": np.asarray(sorted(self._chunks), np.int64)}
+            if self._chunks:
+                out["chunks"] = {str(s): dict(chunk) for s, chunk in self._chunks.items()}
+        return out
+
+    def restore(self, state: dict) -> None:
+        with self._done:
+            self._chunks = {int(s): {k: np.asarray(state["chunks"][str(int(s))][k]) for k in ("latents", "text", "score")}
+                            for s in np.asarray(state["steps"]).tolist()}
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)

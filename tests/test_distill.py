@@ -1,0 +1,93 @@
+"""Distillation on the session's trained world: sharding, exact resume, and what the student learns."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from dollar_jax.jobs import distill as distill_job
+from dollar_jax.train.loop import train
+from dollar_jax.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def distill_config(config, **distill):
+    c = config.copy_and_resolve_references()
+    c.job = "distill"
+    c.distill.update(dict(steps=4, batch_size=8, fake_updates=2))
+    c.distill.update(distill)
+    c.log_every_steps, c.checkpoint.every_steps, c.sampling.every_steps = 1, 2, 0
+    return c
+
+
+def _rows(run_dir):
+    return [r for r in read_metrics(run_dir) if "loss_generator" in r]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+def test_distill_step_on_8_devices_equals_one_device(world_run, tmp_path):
+    config, workdir = world_run
+    results = {}
+    for name, mesh in (("one", dict(data=1, fsdp=1, context=1, tensor=1)),
+                       ("eight", dict(data=2, fsdp=2, context=1, tensor=2))):
+        c = distill_config(config, steps=2)
+        c.mesh.update(mesh)
+        train(distill_job.make_job(c, workdir), c, str(tmp_path / name))
+        results[name] = _rows(str(tmp_path / name))
+    for key in ("loss_generator", "loss_vsd", "loss_cd", "loss_fake", "grad_norm_student"):
+        np.testing.assert_allclose([r[key] for r in results["eight"]], [r[key] for r in results["one"]],
+                                   rtol=1e-4, err_msg=key)
+
+
+def test_resume_mid_distillation_is_exact(world_run, tmp_path):
+    config, workdir = world_run
+    c = distill_config(config)
+    run = str(tmp_path / "run")
+    train(distill_job.make_job(c, workdir), c, run)
+    uninterrupted = _rows(run)
+    assert [r["step"] for r in uninterrupted] == [1, 2, 3, 4]
+    # Lose everything after the step-2 checkpoint, as a crash there would, and run again.
+    shutil.rmtree(os.path.join(run, "checkpoints", "4"))
+    resumed_state = train(distill_job.make_job(c, workdir), c, run)
+    assert _rows(run) == uninterrupted
+    assert int(resumed_state.step) == 4
+
+
+def test_cd_only_and_vsd_only_variants_compute_only_their_terms(world_run, tmp_path):
+    config, workdir = world_run
+    for name, weights in (("vsd", dict(cd_weight=0.0)), ("cd", dict(vsd_weight=0.0))):
+        c = distill_config(config, steps=1, **weights)
+        train(distill_job.make_job(c, workdir), c, str(tmp_path / name))
+        row = _rows(str(tmp_path / name))[0]
+        assert ("loss_cd" in row) == (name == "cd") and ("loss_vsd" in row) == (name == "vsd")
+        np.testing.assert_allclose(row["loss_generator"], row.get("loss_cd", row.get("loss_vsd")) *
+                                   (0.5 if name == "cd" else 1.0), rtol=1e-6)
+
+
+def test_student_grids_thin_the_trained_grid(world_run):
+    config, _ = world_run
+    grids = distill_job.student_grids(config.distill)
+    assert grids == {1: (999.0,), 2: (999.0, 499.0), 4: (999.0, 749.0, 499.0, 249.0)}
+    c = config.copy_and_resolve_references()
+    c.distill.eval_steps = (3,)
+    with pytest.raises(ValueError, match="3 steps"):
+        distill_job.student_grids(c.distill)
+
+
+def test_sample_cli_writes_videos_from_a_student(world_run, tmp_path):
+    from dollar_jax.sample import generate_folder
+
+    config, workdir = world_run
+    c = distill_config(config, steps=2, name="student_cli")
+    out = distill_job.run(c, workdir)
+    blob = json.load(open(os.path.join(out, "config.json")))
+    assert blob["student"]["timesteps"] == [999.0, 749.0, 499.0, 249.0]
+    report = generate_folder(out, str(tmp_path / "videos"), prompts=["a large red circle moving left"], steps=1)
+    assert report["network_evaluations"] == 1
+    assert any(f.endswith(".mp4") for f in report["files"]) and any(f.endswith(".gif") for f in report["files"])
+    with pytest.raises(ValueError, match="divisor"):
+        generate_folder(out, str(tmp_path / "v3"), prompts=["a large red circle moving left"], steps=3)
