@@ -114,6 +114,23 @@ def base_config() -> ml_collections.ConfigDict:
         export="raw",  # export the raw student ("raw") or its EMA ("ema")
         eval_steps=(1, 2, 4),  # step counts evaluated and reported for the student
     ))
+    # Latent reward fine-tuning (DOLLAR's LRM), part of the distillation step when enabled.
+    c.reward = ml_collections.ConfigDict(dict(
+        enabled=False,
+        name="colourfulness",  # a registered pixel reward (dollar_jax/rewards): any Python function of videos
+        path="",  # local weights for model-based rewards (clip_preference: a transformers CLIP folder)
+        decoder="world_autoencoder",  # how the labeller decodes latents: "world_autoencoder" | "wan_vae"
+        vae_path="",  # diffusers AutoencoderKLWan folder for decoder="wan_vae"
+        weight=1.0,  # beta_FT; 0 trains the LRM but leaves the student exactly as plain distillation
+        lrm_kind="frame", lrm_width=128,  # "frame" | "frame_text" | "video3d"
+        lrm_optim=optimizer(learning_rate=1e-3, warmup_steps=0, decay="constant"),
+        lrm_batch_size=32,
+        label_lag=2,  # step s trains on labels of steps <= s - lag (the labeller overlaps with the step)
+        label_window=64,  # ... and > s - lag - window
+        ft_microbatches=1,  # gradient accumulation for the L_FT generator step
+        eval_examples=64,  # held-out latents for the LRM-vs-true-reward correlation
+    ))
+
     # Sampling (periodic samples, evaluation, `dollar_jax.sample`).
     c.sampling = ml_collections.ConfigDict(dict(
         steps=50, guidance_scale=4.5, convention="uncond_anchor", num_videos=8, every_steps=0, fps=8,

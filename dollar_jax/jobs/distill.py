@@ -30,7 +30,8 @@ from dollar_jax.eval.statistics import sample_statistics
 from dollar_jax.jobs import autoencoder as autoencoder_job
 from dollar_jax.jobs.common import Paths, conditioning_sections, world_config
 from dollar_jax.jobs.precompute import load_null_text, text_encoder
-from dollar_jax.jobs.teacher import check_dataset_fits, latents_batch
+from dollar_jax.jobs.reward_finetune import make_reward_part
+from dollar_jax.jobs.teacher import check_dataset_fits
 from dollar_jax.losses.consistency import consistency_loss, ddim_teacher_solve
 from dollar_jax.losses.denoising import denoising_loss
 from dollar_jax.losses.vsd import vsd_loss
@@ -72,7 +73,7 @@ def make_job(config, workdir: str) -> Job:
     paths, dc = Paths.of(config, workdir), config.distill
     folder = teacher_folder(config, workdir)
     dit = student_dit(config, folder)
-    latent_shape, _ = check_dataset_fits(config, paths.data, dit)
+    latent_shape, text_shape = check_dataset_fits(config, paths.data, dit)
     schedule, prediction_type, _ = teacher_parameterisation(folder)
     null_text = load_null_text(paths.data, config.data.latents)
 
@@ -83,6 +84,7 @@ def make_job(config, workdir: str) -> Job:
                                                                       rngs=nnx.Rngs(0))))
     student_role, abstract_params = split_model("student", model, student_opt, dc.student_ema_decay)
     fake_role, _ = split_model("fake", model, fake_opt)
+    reward = make_reward_part(config, latent_shape, text_shape) if config.reward.enabled else None
 
     timesteps = np.asarray(dc.student_timesteps, np.float32)
     cd_grid = schedule.sampling_timesteps(dc.cd_grid)
@@ -124,7 +126,6 @@ def make_job(config, workdir: str) -> Job:
         (gen_loss, (terms, aux)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params["student"])
         student, student_opt_state, g_student = optimizer_step(student_role, state.params["student"],
                                                                state.opt_state["student"], grads)
-        ema = update_ema(ema, student, student_role.ema_decay)
 
         # The fake score learns the student's current distribution with the teacher's own objective.
         samples = aux["x"]
@@ -142,19 +143,45 @@ def make_job(config, workdir: str) -> Job:
         (fake_new, fake_opt_state), (fake_losses, fake_norms, fake_finite) = jax.lax.scan(
             fake_update, (state.params["fake"], state.opt_state["fake"]), jax.random.split(k_fake, dc.fake_updates))
 
-        new = state.replace(step=state.step + 1, params={"student": student, "fake": fake_new},
-                            opt_state={"student": student_opt_state, "fake": fake_opt_state}, ema={"student": ema})
+        params = {"student": student, "fake": fake_new}
+        opt_states = {"student": student_opt_state, "fake": fake_opt_state}
         finite = all_finite(gen_loss, grads) & jnp.all(fake_finite)
         metrics = dict(loss_generator=gen_loss, loss_fake=jnp.mean(fake_losses), grad_norm_student=g_student,
                        grad_norm_fake=jnp.mean(fake_norms), **terms,
                        **{k: v for k, v in aux.items() if k != "x"},
                        **sample_statistics(samples, "sample"), **sample_statistics(data, "data"))
+
+        if reward is not None:  # the LRM learns the labelled rewards; then the student climbs the LRM
+            params["lrm"], opt_states["lrm"], lrm_metrics, lrm_finite = reward.lrm_update(
+                state.params["lrm"], state.opt_state["lrm"], batch)
+            metrics.update(lrm_metrics)
+            finite &= lrm_finite
+            if reward.weight:
+                def sample_fn(p, t, d, key):
+                    k_n, k_s = jax.random.split(key)
+                    eps = jax.random.normal(k_n, d.shape, jnp.float32)
+                    return training_sample(consistency_fn(p, t), consistency_fn(jax.lax.stop_gradient(p), t), eps,
+                                           timesteps, schedule, k_s, dc.sample_mode, d)[0]
+
+                ft_grads, metrics["loss_ft"] = reward.finetune_grads(
+                    params["student"], params["lrm"], sample_fn, text, data,
+                    jax.random.fold_in(state.step_key(), 1000))  # its own stream: the others stay as without it
+                params["student"], opt_states["student"], metrics["grad_norm_ft"] = optimizer_step(
+                    student_role, params["student"], opt_states["student"], ft_grads)
+                finite &= all_finite(ft_grads)
+            metrics["_outputs"] = {"student_x0": samples}
+
+        ema = update_ema(ema, params["student"], student_role.ema_decay)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema={"student": ema})
         return keep_if_finite(finite, new, state), scalar_metrics(finite=finite, **metrics)
 
     def initial_params():
         teacher = load_dit(folder, **{k: getattr(dit, k) for k in NUMERICS})
         params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
-        return {"student": params, "fake": jax.tree.map(jnp.copy, params)}
+        out = {"student": params, "fake": jax.tree.map(jnp.copy, params)}
+        if reward is not None:
+            out["lrm"] = reward.make_params()
+        return out
 
     def frozen(mesh):
         numerics = {k: getattr(dit, k) for k in NUMERICS} | {"param_dtype": dc.teacher_dtype}
@@ -163,25 +190,40 @@ def make_job(config, workdir: str) -> Job:
                 "null_text": jax.device_put(null_text, replicated(mesh))}
 
     source = arrays_dataset.open_split(paths.data, config.data.latents, "train")
+    roles = {"student": student_role, "fake": fake_role}
+    shapes = {"student": abstract_params, "fake": abstract_params}
+    if reward is not None:
+        roles["lrm"], shapes["lrm"] = reward.role, reward.abstract_params
     job = Job(
-        name=dc.name, roles={"student": student_role, "fake": fake_role},
-        abstract_params=lambda: {"student": abstract_params, "fake": abstract_params},
+        name=dc.name, roles=roles, abstract_params=lambda: shapes,
         initial_params=initial_params, train_step=train_step,
-        dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_batch),
+        dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_and_caption),
         total_steps=dc.steps, learning_rate=lr, frozen=frozen,
     )
+    if reward is not None:
+        reward.start_labeller(config, workdir)
+        job.extra_inputs, job.after_step = reward.extra_inputs, reward.after_step
+        job.host_state, job.restore_host_state = reward.labeller.state, reward.labeller.restore
+        job.close = reward.labeller.close
     if config.sampling.every_steps and config.embedded_world:
-        job.on_sample = make_world_evaluator(config, workdir, student_role, schedule, prediction_type, latent_shape)
+        job.on_sample = make_world_evaluator(config, workdir, student_role, schedule, prediction_type, latent_shape,
+                                             reward)
         job.sample_every = config.sampling.every_steps
     return job
 
 
-def make_world_evaluator(config, workdir, role, schedule, prediction_type, latent_shape):
-    """Periodic: the student at each of config.distill.eval_steps -> GIF grid + caption adherence."""
+def latents_and_caption(example) -> dict:
+    return {"latents": example["latents"], "text": example["text"], "caption": example["caption"]}
+
+
+def make_world_evaluator(config, workdir, role, schedule, prediction_type, latent_shape, reward=None):
+    """Periodic: the student at each of config.distill.eval_steps -> GIF grid + caption adherence; with a
+    reward, also the true pixel reward of its samples and the LRM's correlation with the true reward on
+    held-out latents (validation clips + the student's samples)."""
     paths, wcfg, dc = Paths.of(config, workdir), world_config(config), config.distill
     ae = autoencoder_job.load(paths.autoencoder)
     encoder = text_encoder(config)
-    factors, _, text = world_eval.prompt_batch(wcfg, encoder, config.sampling.num_videos)
+    factors, captions, text = world_eval.prompt_batch(wcfg, encoder, config.sampling.num_videos)
     null = np.broadcast_to(encoder.null(), text.shape)
     noise = jax.random.normal(jax.random.key(7), (len(text), *latent_shape))
     generators = {n: make_generate(role.module, schedule, prediction_type, student_spec(grid))
@@ -197,7 +239,32 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
                 video_io.write_gif(os.path.join(paths.run(dc.name), "samples", f"step_{step:06d}_{n}step.gif"),
                                    video_io.grid(videos, upscale=2), fps=config.sampling.fps)
             out.update({f"{k}_{n}step": v for k, v in world_eval.score(videos, factors, wcfg).items()})
+            if reward is not None:
+                out[f"true_reward_{n}step"] = float(np.mean(reward_fn(videos, captions)))
+                held_out = (latents, text, captions)
+        if reward is not None:
+            out.update(lrm_agreement(state.params["lrm"], held_out))
         return out
+
+    if reward is not None:
+        from dollar_jax.data.pipeline import eval_batches
+        from dollar_jax.jobs.reward_finetune import make_reward_fn
+        from dollar_jax.losses.reward import pearson
+
+        reward_fn = make_reward_fn(config)
+        source = arrays_dataset.open_split(paths.data, config.data.latents, "validation")
+        val = next(iter(eval_batches(source, config.reward.eval_examples, config.reward.eval_examples)))
+        val_captions = [c.decode() for c in val["caption"]]
+        val_scores = reward_fn(world_eval.decode(ae, val["latents"]), val_captions)
+        predict = jax.jit(lambda p, z, t: reward.role.module(p)(z, t))
+
+        def lrm_agreement(lrm_params, samples) -> dict:
+            z, t, c = samples
+            true = np.concatenate([val_scores, reward_fn(world_eval.decode(ae, z), c)])
+            pred = np.concatenate([np.asarray(predict(lrm_params, val["latents"], val["text"])),
+                                   np.asarray(predict(lrm_params, jnp.asarray(z), jnp.asarray(t)))])
+            return {"lrm_true_correlation": float(pearson(jnp.asarray(pred), jnp.asarray(true))),
+                    "lrm_heldout_mse": float(np.mean((pred - true) ** 2))}
 
     return on_sample
 

@@ -38,6 +38,7 @@ class ClipPreference:
         self.model = CLIPModel.from_pretrained(path).to(device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(path)
         self.size = int(self.model.config.vision_config.image_size)
+        self.max_text = int(self.model.config.text_config.max_position_embeddings)
         self.frames, self.device, self.batch_size = int(frames), device, int(batch_size)
 
     def _pixels(self, frames: np.ndarray):
@@ -62,11 +63,17 @@ class ClipPreference:
             for start in range(0, len(videos), self.batch_size):
                 clips, texts = videos[start:start + self.batch_size], list(prompts[start:start + self.batch_size])
                 frames = clips[:, idx].reshape(-1, *clips.shape[2:])
-                image = self.model.get_image_features(pixel_values=self._pixels(frames).to(self.device))
-                tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-                text = self.model.get_text_features(**tokens)
+                image = _features(self.model.get_image_features(pixel_values=self._pixels(frames).to(self.device)))
+                tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                                        max_length=self.max_text).to(self.device)
+                text = _features(self.model.get_text_features(**tokens))
                 image = torch.nn.functional.normalize(image, dim=-1).reshape(len(clips), len(idx), -1)
                 text = torch.nn.functional.normalize(text, dim=-1)
                 cos = (image * text[:, None]).sum(-1).mean(1)
                 scores.append((self.model.logit_scale.exp() * cos).cpu().numpy())
         return np.concatenate(scores).astype(np.float32)
+
+
+def _features(out):
+    """Projected embeddings: transformers 5 returns a model output whose pooler_output holds them (4.x: a tensor)."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out

@@ -31,6 +31,28 @@ class Colourfulness:
         return ((std + 0.3 * mean) / 100.0).mean(axis=1)
 
 
+@register("vividness")
+class Vividness:
+    """Chroma (max - min channel, in [0, 1]) of each frame's k most vivid pixels, averaged.
+
+    Unlike colourfulness it does not grow with the coloured *area*, so it rewards saturated, clean colour
+    without pushing shapes to grow (which would break the caption's size). k = 16 pixels per 32x32 frame,
+    scaled with the frame area: fewer than the smallest shape covers.
+    """
+
+    name = "vividness"
+
+    def __init__(self, pixels_per_1024: int = 16):
+        self.k = int(pixels_per_1024)
+
+    def __call__(self, videos: np.ndarray, prompts: Sequence[str] = ()) -> np.ndarray:
+        v = check_videos(videos).astype(np.float32) / 255.0
+        chroma = (v.max(axis=-1) - v.min(axis=-1)).reshape(v.shape[0], v.shape[1], -1)
+        k = max(1, round(self.k * chroma.shape[-1] / 1024))
+        top = -np.sort(-chroma, axis=-1)[..., :k]
+        return top.mean(axis=(1, 2)).astype(np.float32)
+
+
 @register("jpeg_compressibility")
 class JpegCompressibility:
     """Minus the JPEG size of the frames in kilobytes per frame (quality 75): simpler videos score higher.

@@ -188,5 +188,6 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
 
 
 def scalar_metrics(**values) -> dict[str, jax.Array]:
-    """Cast metric values to float32 scalars (keeps the jitted step's output uniform)."""
-    return {k: jnp.asarray(v, jnp.float32) if k != "finite" else v for k, v in values.items()}
+    """Cast metric values to float32 scalars (keeps the jitted step's output uniform). "finite" stays a bool and
+    "_outputs" (arrays for the job's host side, see Job.after_step) passes through."""
+    return {k: v if k in ("finite", "_outputs") else jnp.asarray(v, jnp.float32) for k, v in values.items()}

@@ -1,0 +1,140 @@
+"""Latent reward fine-tuning on the session's trained world."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dollar_jax.data import arrays_dataset, world
+from dollar_jax.eval import world_eval
+from dollar_jax.jobs import autoencoder as autoencoder_job
+from dollar_jax.jobs import distill as distill_job
+from dollar_jax.jobs.common import Paths, world_config
+from dollar_jax.losses.reward import lrm_regression_loss, pearson
+from dollar_jax.models.reward_models import LatentRewardModel, LRMConfig
+from dollar_jax.rewards import make_reward
+from dollar_jax.train.loop import train
+from dollar_jax.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def reward_config(config, steps=4, **reward):
+    c = config.copy_and_resolve_references()
+    c.job = "distill"
+    c.distill.update(dict(steps=steps, batch_size=8, fake_updates=2))
+    c.reward.update(dict(enabled=True, name="colourfulness", lrm_batch_size=8, label_lag=2))
+    c.reward.update(reward)
+    c.log_every_steps, c.checkpoint.every_steps, c.sampling.every_steps = 1, 2, 0
+    return c
+
+
+def _labelled(config, workdir, split, count, reward):
+    paths = Paths.of(config, workdir)
+    source = arrays_dataset.open_split(paths.data, config.data.latents, split)
+    examples = [source[i] for i in range(count)]
+    z = np.stack([e["latents"] for e in examples])
+    text = np.stack([e["text"] for e in examples])
+    captions = [e["caption"].decode() for e in examples]
+    videos = world_eval.decode(autoencoder_job.load(paths.autoencoder), z)
+    return z, text, reward(videos, captions)
+
+
+def test_lrm_fits_a_known_reward_on_held_out_latents(world_run):
+    config, workdir = world_run
+    reward = make_reward("colourfulness")
+    z, text, scores = _labelled(config, workdir, "train", 1024, reward)
+    vz, vtext, vscores = _labelled(config, workdir, "validation", 128, reward)
+    model = LatentRewardModel(LRMConfig(kind="frame", latent_channels=z.shape[-1]), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tx = optax.adam(1e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, z, t, s):
+        def loss_fn(p):
+            return lrm_regression_loss(nnx.merge(graphdef, p), z, t, s, jnp.ones_like(s))[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    for i in range(400):
+        idx = np.random.default_rng(i).integers(0, len(z), 64)
+        params, opt, _ = step(params, opt, z[idx], text[idx], scores[idx])
+    predictions = nnx.merge(graphdef, params)(vz, vtext)
+    assert float(pearson(predictions, jnp.asarray(vscores))) >= 0.9
+
+
+def _rows(run_dir):
+    return [r for r in read_metrics(run_dir) if "loss_generator" in r]
+
+
+def test_zero_reward_weight_leaves_distillation_unchanged(world_run, tmp_path):
+    config, workdir = world_run
+    plain = reward_config(config, steps=3)
+    plain.reward.enabled = False
+    with_lrm = reward_config(config, steps=3, weight=0.0)
+    s_plain = train(distill_job.make_job(plain, workdir), plain, str(tmp_path / "plain"))
+    s_lrm = train(distill_job.make_job(with_lrm, workdir), with_lrm, str(tmp_path / "lrm"))
+    for a, b in zip(jax.tree.leaves(s_plain.params["student"]), jax.tree.leaves(s_lrm.params["student"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows_plain, rows_lrm = _rows(str(tmp_path / "plain")), _rows(str(tmp_path / "lrm"))
+    for key in ("loss_generator", "loss_fake", "grad_norm_student"):
+        assert [r[key] for r in rows_plain] == [r[key] for r in rows_lrm]
+    assert [r["lrm_active"] for r in rows_lrm] == [0.0, 0.0, 1.0]  # lag 2: step 3 trains on step 1's labels
+
+
+def test_non_differentiable_reward_end_to_end_and_exact_resume(world_run, tmp_path):
+    config, workdir = world_run
+    c = reward_config(config, steps=6, name="jpeg_compressibility")
+    run = str(tmp_path / "run")
+    train(distill_job.make_job(c, workdir), c, run)
+    rows = _rows(run)
+    assert all(np.isfinite(r["loss_lrm"]) and np.isfinite(r["loss_ft"]) for r in rows)
+    assert [r["lrm_active"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    # The labeller's labelled latents are part of the checkpoint: resuming from step 4 replays exactly.
+    shutil.rmtree(os.path.join(run, "checkpoints", "6"))
+    train(distill_job.make_job(c, workdir), c, run)
+    assert _rows(run) == rows
+
+
+def test_finetuning_through_the_lrm_raises_the_true_reward(world_run, tmp_path):
+    config, workdir = world_run
+    paths, wcfg = Paths.of(config, workdir), world_config(config)
+    results = {}
+    for name, weight in (("plain", 0.0), ("reward", 1.0)):
+        c = reward_config(config, steps=120, weight=weight, name="vividness", lrm_batch_size=16)
+        c.distill.name = f"student_{name}"
+        c.checkpoint.every_steps, c.log_every_steps = 120, 20
+        folder = distill_job.run(c, workdir)
+        results[name] = _evaluate(folder, c, workdir)
+    reward_gain = results["reward"]["reward"] - results["plain"]["reward"]
+    assert reward_gain > 0.02, results
+    assert results["reward"]["adherence"] >= results["plain"]["adherence"] - 0.1, results
+
+
+def _evaluate(folder, config, workdir):
+    from dollar_jax.checkpoint import load_dit
+    from dollar_jax.eval.generate import make_generate, student_spec
+    from dollar_jax.jobs.precompute import text_encoder
+
+    paths, wcfg = Paths.of(config, workdir), world_config(config)
+    schedule, prediction_type, _ = distill_job.teacher_parameterisation(folder)
+    graphdef, params = nnx.split(load_dit(folder))
+    encoder = text_encoder(config)
+    factors, captions, text = world_eval.prompt_batch(wcfg, encoder, 48, seed=5)
+    generate = make_generate(lambda p: nnx.merge(graphdef, p), schedule, prediction_type,
+                             student_spec(config.distill.student_timesteps))
+    latents = np.asarray(generate(params, jax.random.normal(jax.random.key(0), (48, 4, 8, 8, 16)),
+                                  jnp.asarray(text), jnp.asarray(np.broadcast_to(encoder.null(), text.shape)),
+                                  jax.random.key(1)))
+    videos = world_eval.decode(autoencoder_job.load(paths.autoencoder), latents)
+    adherence = world.adherence(videos, factors, wcfg)
+    return {"reward": float(make_reward("vividness")(videos, captions).mean()),
+            "adherence": float(np.mean([adherence[f] for f in world.FACTORS]))}
