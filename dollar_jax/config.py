@@ -69,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
         dir="",  # defaults to <workdir>/autoencoder
     ))
 
+    # The evaluation encoder: a small 3-D CNN trained to classify the world's factors (features for Vendi/FD).
+    c.world_encoder = ml_collections.ConfigDict(dict(steps=300, batch_size=32, learning_rate=2e-3, width=64,
+                                                     features=128, dir=""))
+
     # The world's deterministic text encoder (real runs store umT5 embeddings in the latents dataset).
     c.text = ml_collections.ConfigDict(dict(max_length=8, dim=32, seed=0))
 
@@ -122,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
         decoder="world_autoencoder",  # how the labeller decodes latents: "world_autoencoder" | "wan_vae"
         vae_path="",  # diffusers AutoencoderKLWan folder for decoder="wan_vae"
         weight=1.0,  # beta_FT; 0 trains the LRM but leaves the student exactly as plain distillation
-        lrm_kind="frame", lrm_width=128,  # "frame" | "frame_text" | "video3d"
+        lrm_kind="frame", lrm_width=128, lrm_first_stride=4,  # kind: "frame" | "frame_text" | "video3d"
         lrm_optim=optimizer(learning_rate=1e-3, warmup_steps=0, decay="constant"),
         lrm_batch_size=32,
         label_lag=2,  # step s trains on labels of steps <= s - lag (the labeller overlaps with the step)
@@ -135,6 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict(dict(
         steps=50, guidance_scale=4.5, convention="uncond_anchor", num_videos=8, every_steps=0, fps=8,
     ))
+
+    # The main demo's evaluation protocol (dollar_jax/jobs/demo.py).
+    c.demo = ml_collections.ConfigDict(dict(prompts=16, samples_per_prompt=8, seed=0))
 
     # Checkpoints, logging and the non-finite guard.
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, asynchronous=True))
@@ -151,6 +158,7 @@ def embedded_world(c: ml_collections.ConfigDict, quick: bool = False) -> ml_coll
     stage for tests and CI (minutes become seconds; the numbers it produces are smoke, not results).
     """
     c.embedded_world = True
+    c.reward.lrm_first_stride = 2  # 8x8 latents: keep a 4x4 map after the first convolution
     c.model.update(dict(in_channels=16, out_channels=16, text_dim=c.text.dim, num_attention_heads=4,
                         attention_head_dim=32, ffn_dim=256, num_layers=4, freq_dim=64, rope_max_seq_len=64,
                         patch_size=(1, 2, 2)))
@@ -177,7 +185,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.diffusion.schedule not in ("vp", "flow"):
         raise ValueError(f"config.diffusion.schedule must be 'vp' or 'flow', got {config.diffusion.schedule!r}")
     dit_config(config)  # raises on bad model fields
-    for stage in ("autoencoder", "teacher", "distill"):
+    for stage in ("autoencoder", "world_encoder", "teacher", "distill"):
         if config[stage].batch_size <= 0 or config[stage].steps <= 0:
             raise ValueError(f"config.{stage}.batch_size and config.{stage}.steps must be positive")
 

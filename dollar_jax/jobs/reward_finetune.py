@@ -39,7 +39,8 @@ def make_reward_fn(config):
 
 def lrm_config(config, latent_channels: int, text_dim: int) -> LRMConfig:
     r = config.reward
-    return LRMConfig(kind=r.lrm_kind, latent_channels=latent_channels, width=r.lrm_width, text_dim=text_dim)
+    return LRMConfig(kind=r.lrm_kind, latent_channels=latent_channels, width=r.lrm_width, text_dim=text_dim,
+                     first_stride=r.lrm_first_stride)
 
 
 @dataclasses.dataclass

@@ -30,6 +30,9 @@ class LRMConfig:
     width: int = 128
     text_dim: int = 32  # only for "frame_text"
     groups: int = 32
+    # Stride of the first convolution. The paper's 4 suits latents of 60x104 (480p Wan); on the embedded world's
+    # 8x8 latents it leaves a 2x2 map, so the world's configs use 2.
+    first_stride: int = 4
 
     def __post_init__(self):
         if self.kind not in LRM_KINDS:
@@ -41,7 +44,8 @@ class _Trunk(nnx.Module):
 
     def __init__(self, cfg: LRMConfig, three_d: bool, *, rngs: nnx.Rngs):
         w = cfg.width
-        k1, s1, k2, s2 = ((2, 4, 4), (1, 4, 4), (3, 3, 3), (1, 2, 2)) if three_d else ((4, 4), (4, 4), (3, 3), (2, 2))
+        f = cfg.first_stride
+        k1, s1, k2, s2 = ((2, 4, 4), (1, f, f), (3, 3, 3), (1, 2, 2)) if three_d else ((4, 4), (f, f), (3, 3), (2, 2))
         self.conv1 = Conv(cfg.latent_channels, w, k1, strides=s1, rngs=rngs)
         self.norm1 = GroupNorm(w, cfg.groups, rngs=rngs)
         self.conv2 = Conv(w, w, k2, strides=s2, rngs=rngs)

@@ -1,0 +1,67 @@
+"""The main job's quick variant, on top of the session's trained world (its first stages are reused)."""
+
+import json
+import math
+import os
+
+import pytest
+
+from dollar_jax.jobs import demo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(world_run):
+    import importlib.util
+
+    config, workdir = world_run
+    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..",
+                                                                               "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("quick")
+    # Reuse the session's world (videos, autoencoder, latents, teacher); the demo builds the rest.
+    c.data.dir, c.autoencoder.dir, c.teacher.dir = config.data.dir, config.autoencoder.dir, config.teacher.dir
+    c.world.update(dict(num_train=config.world.num_train, num_val=config.world.num_val))
+    report = demo.run(c, workdir)
+    return c, workdir, report
+
+
+def test_report_structure_and_sane_numbers(demo_run):
+    _, workdir, report = demo_run
+    text = open(report).read()
+    for heading in ("## Ablation", "## Claims of the paper", "## Speed", "## Training curves", "## Samples",
+                    "## Stage times"):
+        assert heading in text
+    results = json.load(open(os.path.join(os.path.dirname(report), "results.json")))
+    names = [r["name"] for r in results["quality"]]
+    assert names[0].startswith("data") and names[1].startswith("teacher")
+    for model in ("VSD", "VSD+CD", "VSD+CD+LRM"):
+        assert {r["steps"] for r in results["quality"] if r.get("model") == model} == {1, 2, 4}
+    for row in results["quality"][1:]:
+        assert all(0.0 <= v <= 1.0 for v in row["adherence"].values())
+        assert 1.0 - 1e-6 <= row["vendi_pixels"] <= results["samples_per_prompt"] + 1e-6
+        assert 1.0 - 1e-6 <= row["vendi_features"] <= results["samples_per_prompt"] + 1e-6
+        assert math.isfinite(row["reward"]) and math.isfinite(row["frechet_distance"])
+        assert os.path.exists(os.path.join(os.path.dirname(report), row["grid"]))
+    teacher_nfe = results["quality"][1]["network_evaluations"]
+    for s in results["speed"]:
+        assert s["diffusion_s"] > 0 and s["end_to_end_s"] >= s["diffusion_s"] * 0.5
+    assert teacher_nfe == 2 * results["quality"][1]["steps"]  # guided: two evaluations per step
+    for png in ("teacher.png", "distill.png", "reward.png"):
+        assert os.path.exists(os.path.join(os.path.dirname(report), png))
+    assert "reproduced" in text  # every claim gets a verdict, whichever way it goes
+
+
+def test_rerun_skips_finished_stages_and_reproduces_the_numbers(demo_run, capsys):
+    c, workdir, report = demo_run
+    results_path = os.path.join(os.path.dirname(report), "results.json")
+    before = json.load(open(results_path))["quality"]
+    os.remove(results_path)  # force the evaluation to run again; every training stage must be reused
+    demo.run(c, workdir)
+    out = capsys.readouterr().out
+    for stage in ("autoencoder", "teacher", "VSD+CD+LRM"):
+        assert f"{stage} (already done)" in out
+    after = json.load(open(results_path))["quality"]
+    assert after == before
