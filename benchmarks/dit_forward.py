@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 
@@ -23,21 +22,7 @@ from flax import nnx
 
 from dollar_jax.models import WanDiT, preset
 from dollar_jax.models.layers import abstract
-
-
-def forward_flops(cfg, batch: int, tokens: int, text_len: int) -> float:
-    """2 * MACs of one forward: projections, FFN, attention scores and values, patch in/out, text path."""
-    d, f = cfg.inner_dim, cfg.ffn_dim
-    per_layer = (
-        2 * tokens * d * d * 4  # self-attention q, k, v, o
-        + 2 * tokens * d * d * 2 + 2 * text_len * d * d * 2  # cross-attention q, o and k, v
-        + 2 * tokens * d * f * 2  # FFN
-        + 2 * 2 * tokens * tokens * d  # self-attention QK^T and PV
-        + 2 * 2 * tokens * text_len * d  # cross-attention
-    )
-    patch = math.prod(cfg.patch_size)
-    io = 2 * tokens * d * patch * (cfg.in_channels + cfg.out_channels) + 2 * text_len * (cfg.text_dim * d + d * d)
-    return batch * (cfg.num_layers * per_layer + io)
+from dollar_jax.train.flops import dit_forward_flops
 
 
 def main() -> None:
@@ -75,7 +60,7 @@ def main() -> None:
     step = sum(times) / len(times)
     pt, ph, pw = cfg.patch_size
     tokens = (args.frames // pt) * (args.height // ph) * (args.width // pw)
-    flops = forward_flops(cfg, args.batch, tokens, args.text_len)
+    flops = dit_forward_flops(cfg, (args.frames, args.height, args.width), args.text_len, args.batch)
     print(json.dumps({
         "preset": args.preset, "device": jax.devices()[0].device_kind, "host": platform.processor() or platform.machine(),
         "batch": args.batch, "latent": [args.frames, args.height, args.width], "tokens_per_sample": tokens,

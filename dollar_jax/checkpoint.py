@@ -124,26 +124,36 @@ def restore_pytree(path: str, target):
 
 
 def write_model_folder(folder: str, sections: dict[str, Any], params) -> str:
-    """Write a complete model folder atomically (temporary sibling folder, renamed when complete).
+    """Write a complete model folder atomically (a `.<name>.partial` sibling, renamed when complete).
 
     `sections` become config.json, e.g. {"dit": DiTConfig dict, "diffusion": {...}, "source": {...}}.
+    `params` may be global arrays sharded over several hosts: every process calls this, each writes its own
+    shards (Orbax), and process 0 alone writes config.json and renames; barriers keep them in step.
     """
     import shutil
-    import tempfile
 
-    parent = os.path.dirname(os.path.abspath(folder)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.partial-", dir=parent)
+    from jax.experimental import multihost_utils
+
+    folder = os.path.abspath(folder)
+    tmp = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.partial")
+    leader = jax.process_index() == 0
     try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(sections, f, indent=2, sort_keys=True, default=list)
-        if jax.process_index() == 0:
-            save_pytree(os.path.join(tmp, PARAMS_DIR), params)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
+        if leader:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier export
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump(sections, f, indent=2, sort_keys=True, default=list)
+        multihost_utils.sync_global_devices(f"model folder {folder}: started")
+        save_pytree(os.path.join(tmp, PARAMS_DIR), params)
+        multihost_utils.sync_global_devices(f"model folder {folder}: written")
+        if leader:
+            if os.path.exists(folder):
+                shutil.rmtree(folder)
+            os.rename(tmp, folder)
+        multihost_utils.sync_global_devices(f"model folder {folder}: done")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if leader:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 

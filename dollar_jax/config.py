@@ -56,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
         dir="",
         videos="shapes_world",  # the video dataset the autoencoder trains on and `precompute` encodes
         latents="world_latents",  # the dataset of (latents, text embeddings) every diffusion job reads
+        # Expected per-example shapes of that dataset ([F, H, W, C] latents, [L, D] text); () = take the
+        # dataset's. Real-run configs set them: the dataset is checked against them and tools (the memory
+        # planner) plan with them.
+        latent_shape=(), text_shape=(),
         shuffle_seed=0,
         read_threads=2,
         prefetch=4,

@@ -65,7 +65,11 @@ def main(argv):
     os.makedirs(_WORKDIR.value, exist_ok=True)
     from dollar_jax.parallel.distributed import maybe_initialize
 
-    maybe_initialize()
+    if maybe_initialize():
+        import jax
+
+        print(f"[dollar] process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
+              f"{jax.device_count()} global devices", flush=True)
     run_job(_CONFIG.value, _WORKDIR.value)
 
 

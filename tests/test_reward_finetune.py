@@ -106,7 +106,6 @@ def test_non_differentiable_reward_end_to_end_and_exact_resume(world_run, tmp_pa
 
 def test_finetuning_through_the_lrm_raises_the_true_reward(world_run, tmp_path):
     config, workdir = world_run
-    paths, wcfg = Paths.of(config, workdir), world_config(config)
     results = {}
     for name, weight in (("plain", 0.0), ("reward", 1.0)):
         c = reward_config(config, steps=120, weight=weight, name="vividness", lrm_batch_size=16)

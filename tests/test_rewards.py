@@ -1,6 +1,5 @@
 """Pixel rewards, the CLIP preference adapter, the labeller's determinism, and the LRM architectures."""
 
-import threading
 import time
 
 import jax

@@ -23,15 +23,34 @@ def host_batch_size(global_batch: int) -> int:
     return global_batch // n
 
 
+class _HostRows:
+    """This host's contiguous rows of every global batch of an (infinite) shuffled dataset.
+
+    Every host shuffles the whole dataset with the same seed and reads only its block of each global batch,
+    so global batch b holds the same examples in the same rows whatever the number of hosts: a run on
+    2 hosts sees exactly the batches (and per-row noise) of the same run on one.
+    """
+
+    def __init__(self, shuffled, global_batch: int, host_batch: int, process: int):
+        self.shuffled, self.global_batch, self.host_batch, self.process = shuffled, global_batch, host_batch, process
+
+    def __len__(self) -> int:
+        return len(self.shuffled)
+
+    def __getitem__(self, index: int):
+        batch, row = divmod(index, self.host_batch)
+        return self.shuffled[batch * self.global_batch + self.process * self.host_batch + row]
+
+
 def train_dataset(source, global_batch: int, seed: int, map_fn: Callable | None = None) -> grain.IterDataset:
-    """Shuffled, repeated forever (reshuffled every epoch), this host's slice, batched, drop remainder."""
-    ds = grain.MapDataset.source(source)
+    """Shuffled, repeated forever (reshuffled every epoch), this host's rows of each global batch, batched."""
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+    host_batch = host_batch_size(global_batch)
     if jax.process_count() > 1:
-        ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.seed(seed).shuffle().repeat(None)
+        ds = grain.MapDataset.source(_HostRows(ds, global_batch, host_batch, jax.process_index()))
     if map_fn is not None:
         ds = ds.map(map_fn)
-    return ds.batch(host_batch_size(global_batch), drop_remainder=True).to_iter_dataset()
+    return ds.batch(host_batch, drop_remainder=True).to_iter_dataset()
 
 
 def eval_batches(source, batch_size: int, limit: int | None = None, map_fn: Callable | None = None):

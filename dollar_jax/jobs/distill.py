@@ -8,8 +8,10 @@ student, its EMA target, the fake score and both optimiser states are the checkp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from flax import nnx
 
 from dollar_jax.checkpoint import load_dit, read_model_config, read_model_folder_config, write_model_folder
 from dollar_jax.config import dit_config
+from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.pipeline import train_dataset
 from dollar_jax.diffusion.consistency import consistency_denoiser
@@ -38,9 +41,10 @@ from dollar_jax.losses.vsd import vsd_loss
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.layers import abstract
 from dollar_jax.parallel.sharding import replicated
+from dollar_jax.train.flops import distill_step_flops
 from dollar_jax.train.loop import Job, scalar_metrics, train
 from dollar_jax.train.optim import make_optimizer
-from dollar_jax.train.state import (TrainState, all_finite, keep_if_finite, optimizer_step, split_model,
+from dollar_jax.train.state import (Role, TrainState, all_finite, keep_if_finite, optimizer_step, split_model,
                                     update_ema)
 
 log = logging.getLogger(__name__)
@@ -69,18 +73,26 @@ def student_dit(config, folder: str):
     return arch.replace(**numerics)
 
 
-def make_job(config, workdir: str) -> Job:
-    paths, dc = Paths.of(config, workdir), config.distill
-    folder = teacher_folder(config, workdir)
-    dit = student_dit(config, folder)
-    latent_shape, text_shape = check_dataset_fits(config, paths.data, dit)
-    schedule, prediction_type, _ = teacher_parameterisation(folder)
-    null_text = load_null_text(paths.data, config.data.latents)
+@dataclasses.dataclass
+class DistillStep:
+    """The pure distillation step and what it needs to be jitted: roles, abstract params, the frozen teacher."""
+    train_step: Callable
+    roles: dict
+    abstract_params: dict
+    teacher_role: Role
+    teacher_abstract: dict  # shapes/dtypes of the frozen teacher's parameters
+    reward: object | None
+    learning_rate: Callable
 
+
+def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_shape, text_shape) -> DistillStep:
+    """The jittable step for a student/fake of architecture `dit` (no data or weights needed: tools use it
+    to compile the step abstractly)."""
+    dc = config.distill
     student_opt, lr = make_optimizer(dc.optim, dc.steps)
     fake_opt, _ = make_optimizer(dc.fake_optim, dc.steps * dc.fake_updates)
     model = abstract(lambda: WanDiT(dit, rngs=nnx.Rngs(0)))
-    teacher_role, _ = split_model("teacher", abstract(lambda: WanDiT(dit.replace(param_dtype=dc.teacher_dtype),
+    teacher_role, teacher_abstract = split_model("teacher", abstract(lambda: WanDiT(dit.replace(param_dtype=dc.teacher_dtype),
                                                                       rngs=nnx.Rngs(0))))
     student_role, abstract_params = split_model("student", model, student_opt, dc.student_ema_decay)
     fake_role, _ = split_model("fake", model, fake_opt)
@@ -175,6 +187,34 @@ def make_job(config, workdir: str) -> Job:
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema={"student": ema})
         return keep_if_finite(finite, new, state), scalar_metrics(finite=finite, **metrics)
 
+    roles = {"student": student_role, "fake": fake_role}
+    shapes = {"student": abstract_params, "fake": abstract_params}
+    if reward is not None:
+        roles["lrm"], shapes["lrm"] = reward.role, reward.abstract_params
+    return DistillStep(train_step, roles, shapes, teacher_role, teacher_abstract, reward, lr)
+
+
+def step_flops(config, dit: DiTConfig, latent_shape, text_shape, reward) -> dict:
+    """Analytic FLOPs per role of one step (train/flops.py); the small LRM is measured by XLA."""
+    lrm = 0.0
+    if reward is not None:
+        module = reward.role.module(reward.abstract_params)
+        x = jax.ShapeDtypeStruct((1, *latent_shape), jnp.float32)
+        t = jax.ShapeDtypeStruct((1, *text_shape), jnp.float32)
+        lrm = float(jax.jit(lambda a, b: module(a, b)).lower(x, t).cost_analysis().get("flops", 0.0))
+    return distill_step_flops(config, dit, latent_shape, text_shape[0], lrm)
+
+
+def make_job(config, workdir: str) -> Job:
+    paths, dc = Paths.of(config, workdir), config.distill
+    folder = teacher_folder(config, workdir)
+    dit = student_dit(config, folder)
+    latent_shape, text_shape = check_dataset_fits(config, paths.data, dit)
+    schedule, prediction_type, _ = teacher_parameterisation(folder)
+    null_text = load_null_text(paths.data, config.data.latents)
+    step = build_step(config, dit, schedule, prediction_type, latent_shape, text_shape)
+    reward = step.reward
+
     def initial_params():
         teacher = load_dit(folder, **{k: getattr(dit, k) for k in NUMERICS})
         params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
@@ -190,15 +230,12 @@ def make_job(config, workdir: str) -> Job:
                 "null_text": jax.device_put(null_text, replicated(mesh))}
 
     source = arrays_dataset.open_split(paths.data, config.data.latents, "train")
-    roles = {"student": student_role, "fake": fake_role}
-    shapes = {"student": abstract_params, "fake": abstract_params}
-    if reward is not None:
-        roles["lrm"], shapes["lrm"] = reward.role, reward.abstract_params
     job = Job(
-        name=dc.name, roles=roles, abstract_params=lambda: shapes,
-        initial_params=initial_params, train_step=train_step,
+        name=dc.name, roles=step.roles, abstract_params=lambda: step.abstract_params,
+        initial_params=initial_params, train_step=step.train_step,
         dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_and_caption),
-        total_steps=dc.steps, learning_rate=lr, frozen=frozen,
+        total_steps=dc.steps, learning_rate=step.learning_rate, frozen=frozen,
+        flops_per_step=step_flops(config, dit, latent_shape, text_shape, reward),
     )
     if reward is not None:
         reward.start_labeller(config, workdir)
@@ -206,7 +243,7 @@ def make_job(config, workdir: str) -> Job:
         job.host_state, job.restore_host_state = reward.labeller.state, reward.labeller.restore
         job.close = reward.labeller.close
     if config.sampling.every_steps and config.embedded_world:
-        job.on_sample = make_world_evaluator(config, workdir, student_role, schedule, prediction_type, latent_shape,
+        job.on_sample = make_world_evaluator(config, workdir, step.roles["student"], schedule, prediction_type, latent_shape,
                                              reward)
         job.sample_every = config.sampling.every_steps
     return job
@@ -300,5 +337,5 @@ def run(config, workdir: str) -> str:
         "source": {"format": "dollar-jax-student", "teacher": folder, "steps": int(state.step), "weights": dc.export,
                    "vsd_weight": dc.vsd_weight, "cd_weight": dc.cd_weight},
         **conditioning_sections(config, workdir, check_dataset_fits(config, paths.data, student_dit(config, folder))[0]),
-    }, jax.device_get(params))
+    }, params)
     return out

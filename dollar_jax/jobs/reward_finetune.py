@@ -73,6 +73,14 @@ class RewardPart:
         return {"lrm_latents": b["latents"], "lrm_text": b["text"], "lrm_score": b["score"],
                 "lrm_valid": np.ones((n,), np.float32)}
 
+    def abstract_inputs(self) -> dict:
+        """Global shapes of the labelled inputs the step reads (for abstract compilation)."""
+        n = self.batch_size
+        return {"lrm_latents": jax.ShapeDtypeStruct((n, *self.latent_shape), jnp.float32),
+                "lrm_text": jax.ShapeDtypeStruct((n, *self.text_shape), jnp.float32),
+                "lrm_score": jax.ShapeDtypeStruct((n,), jnp.float32),
+                "lrm_valid": jax.ShapeDtypeStruct((n,), jnp.float32)}
+
     def after_step(self, done: int, outputs: dict, raw_batch: dict) -> None:
         """Send the real latents and the student's x0 predictions of step `done` to the labeller."""
         prompts = [c.decode() if isinstance(c, bytes) else str(c) for c in raw_batch["caption"]]

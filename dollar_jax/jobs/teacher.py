@@ -40,6 +40,12 @@ def check_dataset_fits(config, data_dir: str, dit) -> tuple:
         if key not in shapes or shapes[key][0] != "tensor":
             raise arrays_dataset.DatasetError(f"Dataset {config.data.latents!r} has no array field {key!r}")
     latent_shape, text_shape = shapes["latents"][1], shapes["text"][1]
+    for key, stored, want in (("latent_shape", latent_shape, config.data.latent_shape),
+                              ("text_shape", text_shape, config.data.text_shape)):
+        if want and tuple(want) != tuple(stored):
+            raise arrays_dataset.DatasetError(
+                f"Dataset {config.data.latents!r} holds {key.split('_')[0]} of shape {tuple(stored)}, but "
+                f"config.data.{key} is {tuple(want)}")
     if len(latent_shape) != 4 or latent_shape[-1] != dit.in_channels:
         raise arrays_dataset.DatasetError(
             f"Dataset {config.data.latents!r}: latents are {latent_shape}, the model needs [F, H, W, "
@@ -154,5 +160,5 @@ def run(config, workdir: str) -> str:
                       "beta_start": d.beta_start, "beta_end": d.beta_end, "flow_shift": d.flow_shift},
         "source": {"format": "dollar-jax-teacher", "steps": int(state.step), "weights": "ema"},
         **conditioning_sections(config, workdir, check_dataset_fits(config, paths.data, dit_config(config))[0]),
-    }, jax.device_get(state.ema["teacher"]))
+    }, state.ema["teacher"])
     return paths.teacher

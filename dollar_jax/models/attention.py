@@ -4,6 +4,17 @@ Layout everywhere: q, k, v are [batch, tokens, heads, head_dim] ("BTNH").
 Kernels, chosen by `DiTConfig.attention`:
   xla    - plain einsum/softmax attention with float32 softmax; runs everywhere and is the reference.
   cudnn  - fused flash attention through `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
+  splash - Pallas splash (flash) attention (TPU only); token counts that are not a multiple of its block
+           are padded and the padding is masked out with segment ids.
+  splash_interpret - the same Pallas kernel run by the Pallas interpreter: slow, for testing the kernel
+           path on CPU.
+
+Under a mesh the kernel runs inside `shard_map`, one call per device on its local block: batch over the
+data axes, heads over `tensor`, and (context parallelism) query tokens over `context`. With a context axis
+each device all-gathers the keys and values of its self-attention (the video is tens of thousands of tokens;
+the all-gather moves K and V once per layer, which is cheap next to T^2 attention), while queries, the
+T^2 work and the outputs stay split. Cross-attention keys (text) are short and replicated, so they are not
+gathered. Pallas kernels cannot be partitioned by XLA, which is the other reason for the explicit map.
 """
 
 from __future__ import annotations
@@ -13,8 +24,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
-ATTENTION_KERNELS = ("xla", "cudnn")
+from dollar_jax.parallel.sharding import fitted_spec
+
+ATTENTION_KERNELS = ("xla", "cudnn", "splash", "splash_interpret")
+# Splash block sizes: the largest of these that the padded token count admits.
+_SPLASH_BLOCKS = (512, 256, 128)
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -62,10 +78,83 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bnqk,bknh->bqnh", weights, v)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla") -> jax.Array:
-    """Full (non-causal, unmasked) attention, [B, Tq, N, H] x [B, Tk, N, H] -> [B, Tq, N, H]."""
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False) -> jax.Array:
+    """Pallas splash attention on one device's block, [B, Tq, N, H] x [B, Tk, N, H] -> [B, Tq, N, H].
+
+    Splash needs token counts in whole blocks (>= 128); Wan's 81-frame 480p clip has 32760 tokens, so both
+    sides are padded, padded keys get segment id 1 and every query segment 0: no real query sees padding.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    (_, tq, heads, head_dim), tk = q.shape, k.shape[1]
+    padded_q, padded_k = (_round_up(t, 128) if t <= 512 else _round_up(t, 512) for t in (tq, tk))
+    block_q = next(b for b in _SPLASH_BLOCKS if padded_q % b == 0)
+    block_k = next(b for b in _SPLASH_BLOCKS if padded_k % b == 0)
+    blocks = splash.BlockSizes(block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
+                               block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
+                               block_q_dq=block_q, block_kv_dq=block_k)
+    mask = masks.MultiHeadMask([masks.FullMask((padded_q, padded_k)) for _ in range(heads)])
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)
+    segments = splash.SegmentIds(q=jnp.zeros((padded_q,), jnp.int32),
+                                 kv=(jnp.arange(padded_k) >= tk).astype(jnp.int32))
+
+    def heads_first(x, length):  # [B, T, N, H] -> [B, N, T_padded, H]
+        return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))), 1, 2)
+
+    qs = heads_first(q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype), padded_q)  # splash does not scale
+    out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments))(
+        qs, heads_first(k, padded_k), heads_first(v, padded_k))
+    return jnp.swapaxes(out, 1, 2)[:, :tq]
+
+
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla") -> jax.Array:
+    """Full (non-causal, unmasked) attention on arrays this device holds whole."""
     if kernel == "xla":
         return xla_attention(q, k, v)
     if kernel == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention='cudnn' needs a GPU (backend is {jax.default_backend()!r}); use 'xla'")
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if kernel == "splash":
+        if jax.default_backend() != "tpu":
+            raise ValueError(f"attention='splash' needs a TPU (backend is {jax.default_backend()!r}); use 'xla' "
+                             "(or 'splash_interpret' to test the kernel path on CPU)")
+        return splash_attention(q, k, v)
+    if kernel == "splash_interpret":
+        return splash_attention(q, k, v, interpret=True)
     raise ValueError(f"Unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla", self_attention: bool = True) -> jax.Array:
+    """Full attention, [B, Tq, N, H] x [B, Tk, N, H] -> [B, Tq, N, H], on the current mesh if there is one.
+
+    Without a mesh (or with the xla kernel and no context axis, where XLA's partitioner does as well) the
+    kernel runs directly. Otherwise it runs under `shard_map` with the layout of the module docstring.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local_attention(q, k, v, kernel)
+    q_spec = fitted_spec(q.shape, ("act_batch", "act_length", "act_heads", "act_head_dim"), mesh)
+    context_axes = q_spec[1]
+    if kernel == "xla" and context_axes is None:
+        return local_attention(q, k, v, kernel)
+    gather = self_attention and context_axes is not None
+    # Keys/values: same batch and head split as the queries; tokens split like the queries' when they are
+    # the same tokens (self-attention, then gathered inside), whole otherwise (text).
+    kv_spec = PartitionSpec(q_spec[0], context_axes if gather else None, q_spec[2], None)
+    if gather and k.shape[1] != q.shape[1]:
+        raise ValueError(f"self-attention with {q.shape[1]} query and {k.shape[1]} key tokens")
+
+    def per_device(q, k, v):
+        if gather:
+            k = jax.lax.all_gather(k, context_axes, axis=1, tiled=True)
+            v = jax.lax.all_gather(v, context_axes, axis=1, tiled=True)
+        return local_attention(q, k, v, kernel)
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)

@@ -66,7 +66,7 @@ class Attention(nnx.Module):
         v = constrain(v, ("act_batch", kv_len, "act_heads", "act_head_dim"))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, self.kernel)
+        out = attention(q, k, v, self.kernel, self_attention=context is None)
         out = checkpoint_name(out, "attention_out")
         return self.to_out(einops.rearrange(out, "b t n h -> b t (n h)"))
 

@@ -93,17 +93,22 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
+    return jax.lax.with_sharding_constraint(x, fitted_spec(x.shape, axes, mesh))
+
+
+def fitted_spec(shape: Sequence[int], axes: LogicalAxes, mesh) -> PartitionSpec:
+    """The PartitionSpec of logical `axes`, keeping per dimension only the mesh axes that divide it."""
     sizes = _mesh_axis_sizes(mesh)
     entries = []
-    for dim, entry in zip(x.shape, logical_to_spec(axes)):
+    for dim, entry in zip(shape, logical_to_spec(axes)):
         axes_here = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
         kept, n = [], 1
         for axis in axes_here:
-            if dim % (n * sizes[axis]) == 0:
+            if sizes[axis] > 1 and dim % (n * sizes[axis]) == 0:
                 kept.append(axis)
                 n *= sizes[axis]
         entries.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
+    return PartitionSpec(*entries)
 
 
 def current_mesh() -> Mesh | None:

@@ -23,6 +23,7 @@ from dollar_jax.data.pipeline import batch_sharding, numeric, to_global
 from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.rules import axis_rules
 from dollar_jax.train.checkpointing import RunCheckpointer
+from dollar_jax.train.flops import peak_flops, utilisation
 from dollar_jax.train.metrics import make_writer, truncate_metrics
 from dollar_jax.train.state import Role, TrainState, init_state, state_shardings
 
@@ -57,6 +58,8 @@ class Job:
     host_state: Callable[[], dict] | None = None
     restore_host_state: Callable[[dict], None] | None = None
     close: Callable[[], None] | None = None
+    # Analytic FLOPs of one step per role (train/flops.py): logged as TFLOP/s per device and MFU per role.
+    flops_per_step: Mapping[str, float] | None = None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -124,6 +127,8 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched: one step of lag
     window: list[dict] = []
     t_start, last_line = time.perf_counter(), 0.0
+    throughput_mark: list[tuple[int, float]] = []  # (step, time) after compilation, for TFLOP/s and MFU
+    peak = peak_flops()
     batch = first
 
     def drain(upto_all: bool):
@@ -146,6 +151,12 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                 means = {k: float(np.mean([w[k] for w in window if k in w])) for k in keys}
                 if job.learning_rate is not None:
                     means["learning_rate"] = float(job.learning_rate(s))
+                now = time.perf_counter()
+                if job.flops_per_step and throughput_mark and s > throughput_mark[0][0]:
+                    (s0, t0), = throughput_mark
+                    means.update(utilisation(job.flops_per_step, s - s0, now - t0, jax.device_count(), peak))
+                if throughput_mark:
+                    throughput_mark[:] = [(s, now)]
                 writer.write_scalars(s, means)
                 window = []
 
@@ -169,6 +180,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             if done == start + 1:
                 jax.block_until_ready(state)
                 t_start = last_line = time.perf_counter()  # rates and ETA exclude compilation
+                throughput_mark[:] = [(done, t_start)]
             elif jax.process_index() == 0 and (now - last_line > 10 or done == job.total_steps):
                 rate = (done - start - 1) / (now - t_start)
                 print(f"[{job.name}] step {done}/{job.total_steps}  {rate:.2f} steps/s  "

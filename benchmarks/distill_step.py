@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Time the whole DOLLAR distillation step (generator + fake-score updates [+ LRM]) and report MFU per role.
+
+    python benchmarks/distill_step.py --config=configs/wan21_distill.py:1.3b --config.distill.batch_size=1 \\
+        --config.model.attention=cudnn --config.mesh.fsdp=1          # one GPU: 81 frames 480p, batch 1
+    python benchmarks/distill_step.py --config=configs/wan21_distill.py:local --config.mesh.fsdp=1   # CPU smoke
+
+Weights are random (drawn inside jit on the mesh: nothing passes through the host); the batch is random
+latents/text of config.data.latent_shape/text_shape. Prints one JSON line: compile time, mean step time over
+--iters steps after one warm-up, analytic TFLOPs per role, achieved TFLOP/s per device and MFU (per role and
+total) against the device's bf16 peak (train/flops.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from dollar_jax.config import dit_config, schedule_of
+from dollar_jax.data.pipeline import batch_sharding
+from dollar_jax.jobs.distill import build_step, step_flops
+from dollar_jax.models.dit import WanDiT
+from dollar_jax.parallel import axis_rules, make_mesh
+from dollar_jax.parallel.sharding import replicated, tree_shardings
+from dollar_jax.train.flops import peak_flops, utilisation
+from dollar_jax.train.state import init_state, split_model, state_shardings
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+_ITERS = flags.DEFINE_integer("iters", 5, "Timed steps after the warm-up step.")
+
+
+def main(_):
+    config = _CONFIG.value
+    dit = dit_config(config)
+    latent_shape, text_shape = tuple(config.data.latent_shape), tuple(config.data.text_shape)
+    mesh = make_mesh(dict(config.mesh))
+    with jax.set_mesh(mesh), axis_rules(list(config.sharding_rules) if config.sharding_rules else None):
+        step = build_step(config, dit, schedule_of(config), config.diffusion.prediction_type, latent_shape, text_shape)
+        abstract = jax.eval_shape(lambda p: init_state(step.roles, p, 0), step.abstract_params)
+        shardings = state_shardings(step.roles, abstract, mesh)
+        teacher_shardings = tree_shardings(mesh, step.teacher_abstract, step.teacher_role.axes)
+
+        def random_dit(param_dtype):
+            return split_model("m", WanDiT(dit.replace(param_dtype=param_dtype), rngs=nnx.Rngs(0)))[1]
+
+        def init():
+            params = {"student": random_dit(dit.param_dtype)}
+            params["fake"] = jax.tree.map(jnp.copy, params["student"])
+            if step.reward is not None:
+                params["lrm"] = step.reward.make_params()
+            return init_state(step.roles, params, 0)
+
+        state = jax.jit(init, out_shardings=shardings)()
+        frozen = {"teacher": jax.jit(lambda: random_dit(config.distill.teacher_dtype),
+                                     out_shardings=teacher_shardings)(),
+                  "null_text": jax.device_put(jnp.zeros(text_shape, jnp.float32), replicated(mesh))}
+        n = int(config.distill.batch_size)
+        keys = jax.random.split(jax.random.key(1), 2)
+        batch = {"latents": jax.random.normal(keys[0], (n, *latent_shape)),
+                 "text": jax.random.normal(keys[1], (n, *text_shape))}
+        if step.reward is not None:
+            batch.update({k: jnp.zeros(v.shape, v.dtype) for k, v in step.reward.abstract_inputs().items()})
+        batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        fn = jax.jit(step.train_step, in_shardings=(shardings, jax.tree.map(lambda a: a.sharding, frozen),
+                                                    jax.tree.map(lambda a: a.sharding, batch)),
+                     out_shardings=(shardings, None), donate_argnums=(0,))
+        t0 = time.perf_counter()
+        compiled = fn.lower(state, frozen, batch).compile()
+        compile_s = time.perf_counter() - t0
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(_ITERS.value):
+            state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - t0) / _ITERS.value
+        flops = step_flops(config, dit, latent_shape, text_shape, step.reward)
+    print(json.dumps({
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(config.mesh),
+        "model_layers": dit.num_layers, "width": dit.inner_dim, "latent_shape": latent_shape,
+        "batch": n, "attention": dit.attention, "remat": dit.remat_policy, "compile_s": round(compile_s, 1),
+        "step_s": round(seconds, 4), "tflops_per_step": {k: round(v / 1e12, 3) for k, v in flops.items()},
+        **{k: round(v, 4) for k, v in utilisation(flops, 1, seconds, jax.device_count(), peak_flops()).items()},
+    }))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,58 @@
+"""DOLLAR distillation of a Wan2.1 text-to-video teacher (diffusers weights converted with tools/convert_weights.py).
+
+    python tools/precompute_latents.py --videos DIR --vae WAN/vae --text_encoder WAN/text_encoder \\
+        --tokenizer WAN/tokenizer --out DATA --frames 81 --height 480 --width 832
+    python tools/convert_weights.py --src WAN/transformer --dst TEACHER --dtype bfloat16
+    python -m dollar_jax.main --config=configs/wan21_distill.py:1.3b --workdir=gs://bucket/run \\
+        --config.data.dir=DATA --config.distill.teacher=TEACHER
+    python tools/plan_memory.py --config=configs/wan21_distill.py:14b --mesh=fsdp=32,context=8
+
+Variants: "1.3b" (default), "14b", and "local": the same recipe on a tiny DiT and short clips, for a CPU
+smoke run or for planning on a laptop. Add ",reward" for DOLLAR's latent reward fine-tuning.
+
+Defaults chosen with tools/plan_memory.py (BENCHMARKS.md): bf16 compute with fp32 master weights, every
+block rematerialised, splash attention (TPU; on GPU pass --config.model.attention=cudnn), one 81-frame 480p
+clip per data-parallel shard as in the paper (8 A100s, batch 1 per GPU, FSDP, gradient checkpointing, bf16).
+"""
+
+from dollar_jax.config import _dit_defaults, base_config
+
+SIZES = {"1.3b": "wan2.1-1.3b", "14b": "wan2.1-14b", "local": "tiny"}
+OPTIONS = ("reward",)
+
+
+def get_config(arg: str | None = None):
+    flags = [a for a in (arg or "1.3b").split(",") if a]
+    sizes = [a for a in flags if a in SIZES]
+    unknown = [a for a in flags if a not in SIZES and a not in OPTIONS]
+    if unknown or len(sizes) > 1:
+        raise ValueError(f"Unknown or conflicting variant {arg!r}; choose one of {tuple(SIZES)} plus {OPTIONS}")
+    size = sizes[0] if sizes else "1.3b"
+    c = base_config()
+    c.job, c.embedded_world = "distill", False
+    c.model = _dit_defaults(SIZES[size])
+    c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention="splash"))
+    c.diffusion.update(dict(schedule="flow", prediction_type="flow", flow_shift=3.0))  # what the converter records
+    c.data.update(dict(latents="latents", latent_shape=(21, 60, 104, 16), text_shape=(512, 4096)))
+    c.mesh.update(dict(data=1, fsdp=-1, context=1, tensor=1))
+    c.distill.update(dict(
+        steps=3000, batch_size=8, teacher_dtype="bfloat16",
+        student_timesteps=(999.0, 749.0, 499.0, 249.0),
+    ))
+    c.distill.optim.update(dict(learning_rate=1e-5, grad_clip=1.0))  # real teachers: ~1e-5 (DMD2 scale)
+    c.distill.fake_optim.update(dict(learning_rate=2e-5, grad_clip=1.0))
+    c.sampling.update(dict(steps=50, guidance_scale=5.0, every_steps=0))
+    c.checkpoint.update(dict(every_steps=250, keep=3))
+    c.log_every_steps = 10
+    if size == "14b":
+        c.mesh.update(dict(fsdp=-1, context=4))  # 32760 tokens per clip: split them 4 ways as well
+    if size == "local":
+        c.model.update(dict(attention="xla", dtype="float32", num_layers=2, in_channels=16, out_channels=16,
+                            text_dim=4096))
+        c.data.update(dict(latent_shape=(5, 8, 8, 16), text_shape=(16, 4096)))
+        c.distill.update(dict(batch_size=8, fake_updates=2, steps=20))
+        c.checkpoint.every_steps = 10
+        c.log_every_steps = 2
+    if "reward" in flags:
+        c.reward.update(dict(enabled=True, decoder="wan_vae", name="clip_preference", lrm_kind="frame_text"))
+    return c
