@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
         c.teacher.optim.warmup_steps = 20
         c.distill.update(dict(steps=12, batch_size=8, fake_updates=2))
         c.reward.lrm_batch_size = 8
-        c.demo.update(dict(prompts=8, samples_per_prompt=4))
+        c.demo.update(dict(prompts=8, samples_per_prompt=4, speed_repeats=3, speed_batches=(1,)))
         c.checkpoint.every_steps = 50
         c.log_every_steps = 5
     return c

@@ -3,7 +3,7 @@
     python tools/precompute_latents.py --videos DIR --vae WAN/vae --text_encoder WAN/text_encoder \\
         --tokenizer WAN/tokenizer --out DATA --frames 81 --height 480 --width 832
     python tools/convert_weights.py --src WAN/transformer --dst TEACHER --dtype bfloat16
-    python -m dollar_jax.main --config=configs/wan21_distill.py:1.3b --workdir=gs://bucket/run \\
+    python -m dollar_jax.main --config=configs/wan21_distill.py:1.3b --workdir=/gcs/bucket/run \\
         --config.data.dir=DATA --config.distill.teacher=TEACHER
     python tools/plan_memory.py --config=configs/wan21_distill.py:14b --mesh=fsdp=32,context=8
 

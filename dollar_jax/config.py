@@ -145,7 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     # The main demo's evaluation protocol (dollar_jax/jobs/demo.py).
-    c.demo = ml_collections.ConfigDict(dict(prompts=16, samples_per_prompt=8, seed=0))
+    c.demo = ml_collections.ConfigDict(dict(prompts=16, samples_per_prompt=8, seed=0,
+                                            speed_repeats=21, speed_batches=(1, 16)))
 
     # Checkpoints, logging and the non-finite guard.
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, asynchronous=True))

@@ -62,6 +62,10 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax/tfds chatter
     logging.getLogger("dollar_jax").setLevel(logging.INFO)
+    if "://" in _WORKDIR.value:
+        raise app.UsageError(
+            f"--workdir={_WORKDIR.value}: object-store URLs are not opened directly (every writer here uses local "
+            "file APIs). Mount the bucket (e.g. gcsfuse at /gcs/<bucket>) and pass the mounted path.")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     from dollar_jax.parallel.distributed import maybe_initialize
 

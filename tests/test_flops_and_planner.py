@@ -65,12 +65,11 @@ def test_planner_compiles_the_real_step_and_sharding_divides_the_state():
     from dollar_jax.parallel.planner import format_plan, plan_distill_step
 
     config = _config("local")
-    narrow = plan_distill_step(config, {"fsdp": 2})
-    wide = plan_distill_step(config, {"fsdp": 8})
-    n = sum(narrow["parameters"].values())
-    assert narrow["parameters"] == wide["parameters"] and n > 1e5
-    # Parameters, EMA and Adam moments are split over fsdp: 4x the devices, about a quarter per device.
-    ratio = wide["per_device_gib"]["arguments"] / narrow["per_device_gib"]["arguments"]
-    assert 0.2 < ratio < 0.4, ratio
-    assert wide["per_device_gib"]["peak"] > wide["per_device_gib"]["arguments"] > 0
-    assert "per device" in format_plan(wide)
+    plan = plan_distill_step(config, {"fsdp": 8})
+    assert plan["devices"] == 8 and sum(plan["parameters"].values()) > 1e5
+    # Parameters, EMA, Adam moments and the teacher are split over fsdp: each device holds about an eighth of
+    # the state (more in this tiny model: vectors too small to split stay replicated), never all of it.
+    per_device, total = plan["per_device_gib"]["arguments"], plan["state_gib_total"]
+    assert total / 8 <= per_device < total / 2, (per_device, total)  # unsharded would be the total
+    assert plan["per_device_gib"]["peak"] > per_device > 0
+    assert "per device" in format_plan(plan)

@@ -33,3 +33,11 @@ def test_unknown_config_variant_fails(tmp_path):
 def test_invalid_value_is_named(tmp_path):
     out = _main("--config=configs/world_teacher.py:quick", f"--workdir={tmp_path}", "--config.nan_policy=ignore")
     assert out.returncode != 0 and "nan_policy" in out.stderr
+
+
+def test_object_store_workdir_is_refused_not_created_locally(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dollar_jax.main", f"--config={ROOT}/configs/world_teacher.py:quick",
+                          "--workdir=gs://bucket/run"], cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "gcsfuse" in out.stderr
+    assert not (tmp_path / "gs:").exists()

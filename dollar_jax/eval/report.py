@@ -121,7 +121,7 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
         lines.append(f"- **{claim}: {result}** - {detail}.")
     lines.append("")
 
-    lines += ["## Speed (2 CPU cores, median of 21 runs, compilation excluded)", "",
+    lines += [f"## Speed ({results['device']}, median of {results['speed_repeats']} runs, compilation excluded)", "",
               "| sampler | videos | NFE | diffusion (s) | speed-up, diffusion | end to end (s) | speed-up, end to end "
               "| paper, diffusion |", "|---|---|---|---|---|---|---|---|"]
     for s in results["speed"]:

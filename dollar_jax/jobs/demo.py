@@ -12,6 +12,8 @@ import logging
 import os
 import time
 
+import jax
+
 from dollar_jax.eval.report import write_report
 from dollar_jax.jobs import autoencoder, distill, precompute, teacher, world_data, world_encoder
 from dollar_jax.jobs.common import Paths
@@ -76,11 +78,12 @@ def evaluate(config, workdir: str, folders: dict[str, str]) -> dict:
         quality.append(bench.evaluate(e, out_dir))
         print(f"[demo] evaluated {e.name}: adherence {quality[-1]['adherence']['mean']:.3f}", flush=True)
     timed = [entries[0]] + [e for e in entries if e.model == "VSD+CD+LRM"]
-    for batch in (1, 16):  # one video (the paper's setting), and a batch where compute dominates dispatch
+    for batch in d.speed_batches:  # one video (the paper's setting), and a batch where compute dominates dispatch
         for e in timed:
-            speed.append(bench.speed(e, batch=batch) | {"steps": len(e.spec.timesteps)})
+            speed.append(bench.speed(e, repeats=d.speed_repeats, batch=batch) | {"steps": len(e.spec.timesteps)})
     return {"quality": quality, "speed": speed, "prompts": d.prompts, "samples_per_prompt": d.samples_per_prompt,
-            "reward_name": config.reward.name}
+            "reward_name": config.reward.name, "speed_repeats": d.speed_repeats,
+            "device": f"{jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"}
 
 
 def run(config, workdir: str) -> str:

@@ -57,6 +57,11 @@ class RewardPart:
 
     # ---- host side ---------------------------------------------------------------------------------------
     def start_labeller(self, config, workdir: str) -> None:
+        if jax.process_count() > 1:
+            # Each host labels its own rows, but checkpoints keep host state (NumPy) from process 0 only, so a
+            # multi-host resume would hand every host host 0's labels. Refuse rather than resume wrongly.
+            raise NotImplementedError("Latent reward fine-tuning runs on one host (any number of local devices) "
+                                      "for now; multi-host labeller state is not checkpointed per host.")
         r = config.reward
         decode = make_decoder(r.decoder, autoencoder_dir=Paths.of(config, workdir).autoencoder, vae_path=r.vae_path)
         self.labeller = Labeller(decode, make_reward_fn(config), lag=r.label_lag, window=r.label_window,

@@ -16,7 +16,7 @@ _ENV = ("DOLLAR_COORDINATOR", "DOLLAR_NUM_PROCESSES", "DOLLAR_PROCESS_ID")
 def maybe_initialize() -> bool:
     """Initialise JAX's multi-controller runtime when running multi-process; returns True if it did.
 
-    - GPU/CPU hosts: DOLLAR_COORDINATOR=host:port, DOLLAR_NUM_PROCESSES, DOLLAR_PROCESS_ID (launch/gpu_*.sh).
+    - GPU/CPU hosts: DOLLAR_COORDINATOR=host:port, DOLLAR_NUM_PROCESSES, DOLLAR_PROCESS_ID (launch/gpu.py).
     - TPU pod slices: TPU_WORKER_HOSTNAMES with more than one host -> initialize() auto-detects.
     """
     if all(k in os.environ for k in _ENV):

@@ -94,6 +94,11 @@ def distill_step_flops(config, cfg: DiTConfig, latent_shape, text_length: int, l
     return roles
 
 
+def is_throughput_metric(name: str) -> bool:
+    """Metrics that depend on wall time (excluded when comparing runs for exactness)."""
+    return name.startswith(("tflops_", "mfu"))
+
+
 def utilisation(flops_per_step: dict, steps: int, seconds: float, num_devices: int,
                 peak: float | None) -> dict[str, float]:
     """Metrics for a window of `steps` steps that took `seconds`: achieved TFLOP/s per device, and MFU
