@@ -22,14 +22,13 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from dollar_jax.config import dit_config, schedule_of
-from dollar_jax.data.pipeline import batch_sharding
-from dollar_jax.jobs.distill import build_step, step_flops
+from dollar_jax.config import dit_config
+from dollar_jax.train.dollar_step import step_flops
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.parallel import axis_rules, make_mesh
-from dollar_jax.parallel.sharding import replicated, tree_shardings
+from dollar_jax.train.planner import abstract_distill_step
 from dollar_jax.train.flops import peak_flops, utilisation
-from dollar_jax.train.state import init_state, split_model, state_shardings
+from dollar_jax.train.state import init_state, split_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed steps after the warm-up step.")
@@ -41,10 +40,8 @@ def main(_):
     latent_shape, text_shape = tuple(config.data.latent_shape), tuple(config.data.text_shape)
     mesh = make_mesh(dict(config.mesh))
     with jax.set_mesh(mesh), axis_rules(list(config.sharding_rules) if config.sharding_rules else None):
-        step = build_step(config, dit, schedule_of(config), config.diffusion.prediction_type, latent_shape, text_shape)
-        abstract = jax.eval_shape(lambda p: init_state(step.roles, p, 0), step.abstract_params)
-        shardings = state_shardings(step.roles, abstract, mesh)
-        teacher_shardings = tree_shardings(mesh, step.teacher_abstract, step.teacher_role.axes)
+        planned = abstract_distill_step(config, dit, mesh)  # the trainer's step, jitted as the trainer jits it
+        step, sharding_of = planned.step, lambda tree: jax.tree.map(lambda a: a.sharding, tree)
 
         def random_dit(param_dtype):
             return split_model("m", WanDiT(dit.replace(param_dtype=param_dtype), rngs=nnx.Rngs(0)))[1]
@@ -56,22 +53,17 @@ def main(_):
                 params["lrm"] = step.reward.make_params()
             return init_state(step.roles, params, 0)
 
-        state = jax.jit(init, out_shardings=shardings)()
+        state = jax.jit(init, out_shardings=sharding_of(planned.state))()
         frozen = {"teacher": jax.jit(lambda: random_dit(config.distill.teacher_dtype),
-                                     out_shardings=teacher_shardings)(),
-                  "null_text": jax.device_put(jnp.zeros(text_shape, jnp.float32), replicated(mesh))}
+                                     out_shardings=sharding_of(planned.frozen["teacher"]))(),
+                  "null_text": jax.device_put(jnp.zeros(text_shape, jnp.float32), planned.frozen["null_text"].sharding)}
+        keys = iter(jax.random.split(jax.random.key(1), len(planned.batch)))
+        batch = {k: jax.device_put(jax.random.normal(next(keys), a.shape, a.dtype) if k in ("latents", "text")
+                                   else jnp.zeros(a.shape, a.dtype), a.sharding)  # no labels: the LRM idles
+                 for k, a in planned.batch.items()}
         n = int(config.distill.batch_size)
-        keys = jax.random.split(jax.random.key(1), 2)
-        batch = {"latents": jax.random.normal(keys[0], (n, *latent_shape)),
-                 "text": jax.random.normal(keys[1], (n, *text_shape))}
-        if step.reward is not None:
-            batch.update({k: jnp.zeros(v.shape, v.dtype) for k, v in step.reward.abstract_inputs().items()})
-        batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-        fn = jax.jit(step.train_step, in_shardings=(shardings, jax.tree.map(lambda a: a.sharding, frozen),
-                                                    jax.tree.map(lambda a: a.sharding, batch)),
-                     out_shardings=(shardings, None), donate_argnums=(0,))
         t0 = time.perf_counter()
-        compiled = fn.lower(state, frozen, batch).compile()
+        compiled = planned.jitted.lower(state, frozen, batch).compile()
         compile_s = time.perf_counter() - t0
         state, metrics = compiled(state, frozen, batch)
         jax.block_until_ready(metrics)
@@ -82,11 +74,11 @@ def main(_):
         seconds = (time.perf_counter() - t0) / _ITERS.value
         flops = step_flops(config, dit, latent_shape, text_shape, step.reward)
     print(json.dumps({
-        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(config.mesh),
+        "device": jax.devices()[0].device_kind, "devices": mesh.devices.size, "mesh": dict(config.mesh),
         "model_layers": dit.num_layers, "width": dit.inner_dim, "latent_shape": latent_shape,
         "batch": n, "attention": dit.attention, "remat": dit.remat_policy, "compile_s": round(compile_s, 1),
         "step_s": round(seconds, 4), "tflops_per_step": {k: round(v / 1e12, 3) for k, v in flops.items()},
-        **{k: round(v, 4) for k, v in utilisation(flops, 1, seconds, jax.device_count(), peak_flops()).items()},
+        **{k: round(v, 4) for k, v in utilisation(flops, 1, seconds, mesh.devices.size, peak_flops()).items()},
     }))
 
 

@@ -15,18 +15,17 @@ block rematerialised, splash attention (TPU; on GPU pass --config.model.attentio
 clip per data-parallel shard as in the paper (8 A100s, batch 1 per GPU, FSDP, gradient checkpointing, bf16).
 """
 
-from dollar_jax.config import _dit_defaults, base_config
+from dollar_jax.config import _dit_defaults, base_config, variant_flags
 
 SIZES = {"1.3b": "wan2.1-1.3b", "14b": "wan2.1-14b", "local": "tiny"}
 OPTIONS = ("reward",)
 
 
 def get_config(arg: str | None = None):
-    flags = [a for a in (arg or "1.3b").split(",") if a]
+    flags = variant_flags(arg, (*SIZES, *OPTIONS), default="1.3b")
     sizes = [a for a in flags if a in SIZES]
-    unknown = [a for a in flags if a not in SIZES and a not in OPTIONS]
-    if unknown or len(sizes) > 1:
-        raise ValueError(f"Unknown or conflicting variant {arg!r}; choose one of {tuple(SIZES)} plus {OPTIONS}")
+    if len(sizes) > 1:
+        raise ValueError(f"Conflicting sizes {sizes} in variant {arg!r}; choose one of {tuple(SIZES)}")
     size = sizes[0] if sizes else "1.3b"
     c = base_config()
     c.job, c.embedded_world = "distill", False

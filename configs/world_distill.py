@@ -7,16 +7,13 @@
 Trains the world and its teacher first if the workdir lacks them.
 """
 
-from dollar_jax.config import base_config, embedded_world
+from dollar_jax.config import base_config, embedded_world, variant_flags
 
 VARIANTS = ("quick", "vsd", "cd")
 
 
 def get_config(arg: str | None = None):
-    flags = [a for a in (arg or "").split(",") if a]
-    unknown = [a for a in flags if a not in VARIANTS]
-    if unknown:
-        raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS}")
+    flags = variant_flags(arg, VARIANTS)
     quick = "quick" in flags
     c = embedded_world(base_config(), quick)
     c.job = "distill"

@@ -8,16 +8,13 @@ The reward is the world's vividness (saturated colour, independent of shape size
 --config.reward.name=... (see dollar_jax/rewards).
 """
 
-from dollar_jax.config import base_config, embedded_world
+from dollar_jax.config import base_config, embedded_world, variant_flags
 
 VARIANTS = ("quick", "jpeg")
 
 
 def get_config(arg: str | None = None):
-    flags = [a for a in (arg or "").split(",") if a]
-    unknown = [a for a in flags if a not in VARIANTS]
-    if unknown:
-        raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS}")
+    flags = variant_flags(arg, VARIANTS)
     quick = "quick" in flags
     c = embedded_world(base_config(), quick)
     c.job = "distill"

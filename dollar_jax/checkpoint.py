@@ -17,10 +17,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dollar_jax.diffusion.schedules import make_schedule
+from dollar_jax.models.autoencoder import Autoencoder, AutoencoderConfig
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.models.layers import abstract, logical_axes
 from dollar_jax.parallel.mesh import make_mesh
+from dollar_jax.models.world_encoder import WorldEncoder
 from dollar_jax.parallel.sharding import current_mesh, tree_shardings
 
 CONFIG_FILE = "config.json"
@@ -207,6 +210,38 @@ def load_dit(folder: str, mesh: jax.sharding.Mesh | None = None, **numerics) -> 
     return nnx.merge(graphdef, params)
 
 
+def teacher_parameterisation(folder: str):
+    """(schedule, prediction_type, diffusion section) a DiT folder was trained with (students inherit the
+    teacher's)."""
+    d, _ = read_model_folder_config(folder, "diffusion")
+    if d["schedule"] == "vp":
+        schedule = make_schedule("vp", beta_schedule=d["beta_schedule"], beta_start=d["beta_start"],
+                                 beta_end=d["beta_end"])
+    else:
+        schedule = make_schedule("flow", shift=d["flow_shift"])
+    return schedule, d["prediction_type"], d
+
+
+def _load_small(folder: str, section: str, build):
+    """A small replicated model (autoencoder, evaluation encoder) from its folder: `build(section dict)`."""
+    d, _ = read_model_folder_config(folder, section)
+    graphdef, state = nnx.split(abstract(lambda: build(d)))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(state))
+    return nnx.merge(graphdef, restore_pytree(os.path.join(folder, PARAMS_DIR), target))
+
+
+def load_autoencoder(folder: str) -> Autoencoder:
+    """The embedded world's exported video autoencoder (with its latent statistics)."""
+    return _load_small(folder, "autoencoder",
+                       lambda d: Autoencoder(AutoencoderConfig.from_config(d), rngs=nnx.Rngs(0)))
+
+
+def load_world_encoder(folder: str) -> WorldEncoder:
+    """The embedded world's evaluation encoder (factor classifier; features for Vendi and Frechet distance)."""
+    return _load_small(folder, "world_encoder",
+                       lambda d: WorldEncoder(d["classes"], d["width"], d["features"], rngs=nnx.Rngs(0)))
+
+
 def dit_params(model: WanDiT) -> dict:
     """The pure-dict parameters of a model (what training states and checkpoints hold)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -217,11 +252,14 @@ __all__ = [
     "abstract_dit",
     "check_compatible",
     "dit_params",
+    "load_autoencoder",
     "load_dit",
+    "load_world_encoder",
     "read_model_config",
     "read_model_folder_config",
     "write_model_folder",
     "restore_pytree",
     "save_pytree",
     "stored_shapes",
+    "teacher_parameterisation",
 ]

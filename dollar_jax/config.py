@@ -181,6 +181,15 @@ def embedded_world(c: ml_collections.ConfigDict, quick: bool = False) -> ml_coll
     return c
 
 
+def variant_flags(arg: str | None, allowed, default: str = "") -> list[str]:
+    """The comma-separated variants of `--config=configs/x.py:a,b`; an unknown one is an error naming the choices."""
+    flags = [a for a in (arg or default).split(",") if a]
+    unknown = [a for a in flags if a not in allowed]
+    if unknown:
+        raise ValueError(f"Unknown variant(s) {unknown}; choose from {tuple(allowed)}")
+    return flags
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Cross-field checks that types alone cannot express. Raises ValueError naming the key."""
     if config.job not in JOBS:

@@ -56,10 +56,9 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
     import numpy as np
     from flax import nnx
 
-    from dollar_jax.checkpoint import load_dit, read_model_folder_config
+    from dollar_jax.checkpoint import load_dit, read_model_folder_config, teacher_parameterisation
     from dollar_jax.eval import video_io
     from dollar_jax.eval.generate import make_generate
-    from dollar_jax.jobs.distill import teacher_parameterisation
 
     _, blob = read_model_folder_config(model_dir, "dit")
     schedule, prediction_type, _ = teacher_parameterisation(model_dir)
@@ -93,9 +92,9 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
     files = []
     if world:
         from dollar_jax.eval import world_eval
-        from dollar_jax.jobs import autoencoder as autoencoder_job
+        from dollar_jax.checkpoint import load_autoencoder
 
-        videos = world_eval.decode(autoencoder_job.load(blob["world"]["autoencoder"]), latents)
+        videos = world_eval.decode(load_autoencoder(blob["world"]["autoencoder"]), latents)
         for i, v in enumerate(videos):
             name = re.sub(r"[^a-z0-9]+", "_", (prompts[i // num_per_prompt]).lower()).strip("_")
             files += video_io.write_video(os.path.join(out, f"{i:03d}_{name}"), v, fps)

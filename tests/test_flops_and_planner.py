@@ -62,7 +62,7 @@ def test_utilisation_and_peaks():
 @pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 def test_planner_compiles_the_real_step_and_sharding_divides_the_state():
-    from dollar_jax.parallel.planner import format_plan, plan_distill_step
+    from dollar_jax.train.planner import format_plan, plan_distill_step
 
     config = _config("local")
     plan = plan_distill_step(config, {"fsdp": 8})

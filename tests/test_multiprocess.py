@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dollar_jax.data import arrays_dataset
-from dollar_jax.jobs.precompute import latent_spec, save_null_text
+from dollar_jax.data.latents import latent_spec, save_null_text
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.join(os.path.dirname(__file__), "..")

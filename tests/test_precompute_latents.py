@@ -20,7 +20,7 @@ from dollar_jax.data.real_videos import (
     list_videos,
     precompute,
 )
-from dollar_jax.jobs.precompute import load_null_text
+from dollar_jax.data.latents import load_null_text
 
 pytestmark = pytest.mark.torch
 

@@ -12,9 +12,10 @@ from flax import nnx
 
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.eval import world_eval
-from dollar_jax.jobs import autoencoder as autoencoder_job
+from dollar_jax.checkpoint import load_autoencoder, teacher_parameterisation
 from dollar_jax.jobs import distill as distill_job
-from dollar_jax.jobs.common import Paths, world_config
+from dollar_jax.data.world import world_config
+from dollar_jax.paths import Paths
 from dollar_jax.losses.reward import lrm_regression_loss, pearson
 from dollar_jax.models.reward_models import LatentRewardModel, LRMConfig
 from dollar_jax.rewards import make_reward
@@ -42,7 +43,7 @@ def _labelled(config, workdir, split, count, reward):
     z = np.stack([e["latents"] for e in examples])
     text = np.stack([e["text"] for e in examples])
     captions = [e["caption"].decode() for e in examples]
-    videos = world_eval.decode(autoencoder_job.load(paths.autoencoder), z)
+    videos = world_eval.decode(load_autoencoder(paths.autoencoder), z)
     return z, text, reward(videos, captions)
 
 
@@ -124,10 +125,10 @@ def test_finetuning_through_the_lrm_raises_the_true_reward(world_run, tmp_path):
 def _evaluate(folder, config, workdir):
     from dollar_jax.checkpoint import load_dit
     from dollar_jax.eval.generate import make_generate, student_spec
-    from dollar_jax.jobs.precompute import text_encoder
+    from dollar_jax.data.text import text_encoder
 
     paths, wcfg = Paths.of(config, workdir), world_config(config)
-    schedule, prediction_type, _ = distill_job.teacher_parameterisation(folder)
+    schedule, prediction_type, _ = teacher_parameterisation(folder)
     graphdef, params = nnx.split(load_dit(folder))
     encoder = text_encoder(config)
     factors, captions, text = world_eval.prompt_batch(wcfg, encoder, 48, seed=5)
@@ -136,7 +137,7 @@ def _evaluate(folder, config, workdir):
     latents = np.asarray(generate(params, jax.random.normal(jax.random.key(0), (48, 4, 8, 8, 16)),
                                   jnp.asarray(text), jnp.asarray(np.broadcast_to(encoder.null(), text.shape)),
                                   jax.random.key(1)))
-    videos = world_eval.decode(autoencoder_job.load(paths.autoencoder), latents)
+    videos = world_eval.decode(load_autoencoder(paths.autoencoder), latents)
     adherence = world.adherence(videos, factors, wcfg)
     return {"reward": float(make_reward("vividness")(videos, captions).mean()),
             "adherence": float(np.mean([adherence[f] for f in world.FACTORS]))}

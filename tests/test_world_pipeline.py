@@ -14,8 +14,10 @@ import pytest
 
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches
+from dollar_jax.checkpoint import load_autoencoder
 from dollar_jax.jobs import autoencoder as autoencoder_job
-from dollar_jax.jobs.common import Paths, world_config
+from dollar_jax.data.world import world_config
+from dollar_jax.paths import Paths
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +45,7 @@ def test_autoencoder_reconstructs_validation_clips(world_run):
     config, workdir = world_run
     paths = Paths.of(config, workdir)
     assert autoencoder_job.metrics_of(paths.autoencoder)["validation_psnr_db"] >= 25.0
-    ae = autoencoder_job.load(paths.autoencoder)
+    ae = load_autoencoder(paths.autoencoder)
     assert autoencoder_job.validation_psnr(ae, config, workdir) >= 25.0
     # Latents handed to diffusion are normalised: mean ~0, std ~1 per channel.
     latents = arrays_dataset.open_split(paths.data, config.data.latents, "train")
@@ -59,7 +61,7 @@ def test_teacher_lowers_validation_loss_and_follows_colour(world_run):
     from dollar_jax.eval import world_eval
     from dollar_jax.eval.generate import make_generate, teacher_spec
     from dollar_jax.jobs import teacher as teacher_job
-    from dollar_jax.jobs.precompute import text_encoder
+    from dollar_jax.data.text import text_encoder
     from dollar_jax.models.dit import WanDiT
     from dollar_jax.train.state import split_model
 
@@ -80,7 +82,7 @@ def test_teacher_lowers_validation_loss_and_follows_colour(world_run):
     shape = arrays_dataset.feature_shapes(paths.data, config.data.latents)["latents"][1]
     noise = jax.random.normal(jax.random.key(0), (24, *shape))
     latents = np.asarray(generate(trained_params, noise, jnp.asarray(text), jnp.asarray(null), jax.random.key(1)))
-    videos = world_eval.decode(autoencoder_job.load(paths.autoencoder), latents)
+    videos = world_eval.decode(load_autoencoder(paths.autoencoder), latents)
     scores = world_eval.score(videos, factors, wcfg)
     assert scores["adherence_colour"] >= 0.5, scores  # chance is 1/6
 

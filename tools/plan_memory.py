@@ -40,7 +40,7 @@ def main(argv) -> None:
     flags.mark_flags_as_required(["config", "mesh"])
 
     def run(_):
-        from dollar_jax.parallel.planner import format_plan, plan_distill_step
+        from dollar_jax.train.planner import format_plan, plan_distill_step
 
         config = config_flag.value
         shape = _mesh_arg(sys.argv)

@@ -338,10 +338,7 @@ def precompute(*, videos: str | None = None, csv: str | None = None, vae: str, t
     """Build ``<out>/<name>`` from videos + captions (see the module docstring). Returns a summary:
     ``path``, ``status`` ('exists' | 'written'), ``encoded`` / ``cached`` (videos encoded now / found in the
     cache), split sizes, ``latent_shape`` and ``text_shape``."""
-    from dollar_jax.jobs.precompute import (  # (imports JAX: not for --help)
-        latent_spec,
-        save_null_text,
-    )
+    from dollar_jax.data.latents import latent_spec, save_null_text
 
     path = arrays_dataset.dataset_path(out, name)
     if arrays_dataset.exists(out, name):

@@ -43,3 +43,8 @@ class WordEncoder:
     def null(self) -> np.ndarray:
         """[max_length, dim] embedding of the empty prompt (the unconditional input for CFG)."""
         return self.encode_one("")
+
+
+def text_encoder(config) -> WordEncoder:
+    """The embedded world's encoder with the settings of `config.text`."""
+    return WordEncoder(config.text.max_length, config.text.dim, config.text.seed)

@@ -485,3 +485,9 @@ def adherence(videos: np.ndarray, factors: Mapping[str, np.ndarray], cfg: WorldC
     out = {f: float(h.mean()) for f, h in hits.items()}
     out["all"] = float(np.logical_and.reduce([hits[f] for f in scored]).mean())
     return out
+
+
+def world_config(config) -> WorldConfig:
+    """The world of `config.world` (frames and resolution; the factor vocabularies are fixed)."""
+    c = config.world
+    return WorldConfig(num_frames=c.num_frames, height=c.height, width=c.width)

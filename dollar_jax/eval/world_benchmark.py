@@ -15,17 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dollar_jax.checkpoint import load_dit, read_model_folder_config
+from dollar_jax.checkpoint import (load_autoencoder, load_dit, load_world_encoder, read_model_folder_config,
+                                   teacher_parameterisation)
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches
+from dollar_jax.data.text import text_encoder
+from dollar_jax.data.world import world_config
 from dollar_jax.eval import video_io, world_eval
 from dollar_jax.eval.diversity import frechet_distance, vendi_score
 from dollar_jax.eval.generate import SamplerSpec, make_generate, student_spec, teacher_spec
-from dollar_jax.jobs import autoencoder as autoencoder_job
-from dollar_jax.jobs import world_encoder as encoder_job
-from dollar_jax.jobs.common import Paths, world_config
-from dollar_jax.jobs.distill import teacher_parameterisation
-from dollar_jax.jobs.precompute import text_encoder
+from dollar_jax.paths import Paths
 from dollar_jax.rewards import make_reward
 
 
@@ -65,8 +64,8 @@ class WorldBenchmark:
         shape = arrays_dataset.feature_shapes(self.paths.data, config.data.latents)["latents"][1]
         self.latent_shape = tuple(shape)
         self.noise = jax.random.normal(jax.random.key(seed + 100), (len(self.groups), *shape))
-        self.ae = autoencoder_job.load(self.paths.autoencoder)
-        self.evaluator = encoder_job.load(encoder_job.folder_of(config, workdir))
+        self.ae = load_autoencoder(self.paths.autoencoder)
+        self.evaluator = load_world_encoder(self.paths.world_encoder(config))
         self._features = jax.jit(lambda m, v: m.features(v))
         self.reward_name = reward
         self.reward = make_reward(reward)

@@ -10,14 +10,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dollar_jax.checkpoint import PARAMS_DIR, read_model_folder_config, restore_pytree, write_model_folder
+from dollar_jax.checkpoint import write_model_folder
 from dollar_jax.config import optimizer as optimizer_config
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.pipeline import eval_batches, train_dataset
-from dollar_jax.jobs.common import Paths, world_config
+from dollar_jax.data.world import world_config
 from dollar_jax.jobs.world_data import build_videos, video_spec
 from dollar_jax.models.layers import abstract
 from dollar_jax.models.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, psnr
+from dollar_jax.paths import Paths
 from dollar_jax.train.loop import Job, scalar_metrics, train
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.state import TrainState, all_finite, apply_gradients, keep_if_finite, split_model
@@ -95,16 +96,6 @@ def validation_psnr(model: Autoencoder, config, workdir: str) -> float:
     roundtrip = jax.jit(lambda m, v: psnr(m.decode(m.encode(v)), v))
     values = [np.asarray(roundtrip(model, b["video"])) for b in eval_batches(source, 128)]
     return float(np.mean(np.concatenate(values)))
-
-
-def load(folder: str) -> Autoencoder:
-    """An exported autoencoder (with its latent statistics)."""
-    d, _ = read_model_folder_config(folder, "autoencoder")
-    ae_cfg = AutoencoderConfig.from_config(d)
-    graphdef, state = nnx.split(abstract(lambda: Autoencoder(ae_cfg, rngs=nnx.Rngs(0))))
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(state))
-    params = restore_pytree(os.path.join(folder, PARAMS_DIR), target)
-    return nnx.merge(graphdef, params)
 
 
 def metrics_of(folder: str) -> dict:

@@ -16,7 +16,7 @@ import jax
 
 from dollar_jax.eval.report import write_report
 from dollar_jax.jobs import autoencoder, distill, precompute, teacher, world_data, world_encoder
-from dollar_jax.jobs.common import Paths
+from dollar_jax.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def run(config, workdir: str) -> str:
     stages.run("autoencoder", lambda: autoencoder.run(config, workdir), exists(paths.autoencoder))
     stages.run("latents", lambda: precompute.run(config, workdir), arrays_dataset.exists(paths.data, config.data.latents))
     stages.run("evaluation encoder", lambda: world_encoder.run(config, workdir),
-               exists(world_encoder.folder_of(config, workdir)))
+               exists(paths.world_encoder(config)))
     folders = {"teacher": stages.run("teacher", lambda: teacher.run(config, workdir), exists(paths.teacher))}
     runs = {"teacher": paths.run("teacher")}
     for name in STUDENTS:

@@ -6,41 +6,16 @@ umT5 embeddings), so the teacher and distillation jobs cannot tell the embedded 
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches
-from dollar_jax.data.text import WordEncoder
-from dollar_jax.jobs import autoencoder as autoencoder_job
-from dollar_jax.jobs.common import Paths, world_config
-
-NULL_TEXT_FILE = "null_text.npy"
-
-
-def text_encoder(config) -> WordEncoder:
-    return WordEncoder(config.text.max_length, config.text.dim, config.text.seed)
-
-
-def latent_spec(latent_shape, text_shape, extra_ints=()) -> dict:
-    spec = {"latents": ("tensor", tuple(latent_shape), "float32"), "text": ("tensor", tuple(text_shape), "float32"),
-            "caption": ("text",)}
-    spec.update({k: ("int",) for k in extra_ints})
-    return spec
-
-
-def save_null_text(data_dir: str, name: str, null_text: np.ndarray) -> None:
-    os.makedirs(os.path.join(data_dir, name), exist_ok=True)
-    np.save(os.path.join(data_dir, name, NULL_TEXT_FILE), null_text.astype(np.float32))
-
-
-def load_null_text(data_dir: str, name: str) -> np.ndarray:
-    path = os.path.join(data_dir, name, NULL_TEXT_FILE)
-    if not os.path.exists(path):
-        raise arrays_dataset.DatasetError(f"{path} is missing: the dataset has no unconditional text embedding")
-    return np.load(path)
+from dollar_jax.checkpoint import load_autoencoder
+from dollar_jax.data.latents import latent_spec, save_null_text
+from dollar_jax.data.text import text_encoder
+from dollar_jax.data.world import world_config
+from dollar_jax.paths import Paths
 
 
 def run(config, workdir: str) -> str:
@@ -50,7 +25,7 @@ def run(config, workdir: str) -> str:
     encoder = text_encoder(config)
     if arrays_dataset.exists(paths.data, name):
         return arrays_dataset.dataset_path(paths.data, name)
-    ae = autoencoder_job.load(paths.autoencoder)
+    ae = load_autoencoder(paths.autoencoder)
     latent_shape = ae.config.latent_shape(wcfg.num_frames, wcfg.height, wcfg.width)
     encode = jax.jit(lambda m, v: m.encode(v))
 

@@ -11,19 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dollar_jax.checkpoint import write_model_folder
+from dollar_jax.checkpoint import load_autoencoder, write_model_folder
 from dollar_jax.config import dit_config, schedule_of
 from dollar_jax.data import arrays_dataset
+from dollar_jax.data.latents import check_dataset_fits, load_null_text
 from dollar_jax.data.pipeline import eval_batches, train_dataset
+from dollar_jax.data.text import text_encoder
+from dollar_jax.data.world import world_config
 from dollar_jax.eval import video_io, world_eval
 from dollar_jax.eval.generate import make_generate, teacher_spec
-from dollar_jax.jobs import autoencoder as autoencoder_job
-from dollar_jax.jobs.common import Paths, conditioning_sections, world_config
-from dollar_jax.jobs.precompute import load_null_text, text_encoder
+from dollar_jax.jobs.common import conditioning_sections
 from dollar_jax.losses.denoising import denoising_loss, drop_text
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.layers import abstract
 from dollar_jax.parallel.sharding import replicated
+from dollar_jax.paths import Paths
 from dollar_jax.train.loop import Job, scalar_metrics, train
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.state import (TrainState, all_finite, apply_gradients, keep_if_finite, split_model,
@@ -31,30 +33,6 @@ from dollar_jax.train.state import (TrainState, all_finite, apply_gradients, kee
 
 log = logging.getLogger(__name__)
 VAL_EXAMPLES = 256
-
-
-def check_dataset_fits(config, data_dir: str, dit) -> tuple:
-    """The latents dataset must match the model's channels and text width; say which field does not."""
-    shapes = arrays_dataset.feature_shapes(data_dir, config.data.latents)
-    for key in ("latents", "text"):
-        if key not in shapes or shapes[key][0] != "tensor":
-            raise arrays_dataset.DatasetError(f"Dataset {config.data.latents!r} has no array field {key!r}")
-    latent_shape, text_shape = shapes["latents"][1], shapes["text"][1]
-    for key, stored, want in (("latent_shape", latent_shape, config.data.latent_shape),
-                              ("text_shape", text_shape, config.data.text_shape)):
-        if want and tuple(want) != tuple(stored):
-            raise arrays_dataset.DatasetError(
-                f"Dataset {config.data.latents!r} holds {key.split('_')[0]} of shape {tuple(stored)}, but "
-                f"config.data.{key} is {tuple(want)}")
-    if len(latent_shape) != 4 or latent_shape[-1] != dit.in_channels:
-        raise arrays_dataset.DatasetError(
-            f"Dataset {config.data.latents!r}: latents are {latent_shape}, the model needs [F, H, W, "
-            f"{dit.in_channels}] (config.model.in_channels)")
-    if len(text_shape) != 2 or text_shape[-1] != dit.text_dim:
-        raise arrays_dataset.DatasetError(
-            f"Dataset {config.data.latents!r}: text embeddings are {text_shape}, the model needs [L, "
-            f"{dit.text_dim}] (config.model.text_dim)")
-    return tuple(latent_shape), tuple(text_shape)
 
 
 def latents_batch(example) -> dict:
@@ -125,7 +103,7 @@ def make_evaluator(config, workdir: str, role, latent_shape):
     """Periodic evaluation: validation loss, and (in the world) guided samples -> GIF + caption adherence."""
     paths, wcfg = Paths.of(config, workdir), world_config(config)
     val_loss = validation_loss_fn(config, workdir, role)
-    ae = autoencoder_job.load(paths.autoencoder)
+    ae = load_autoencoder(paths.autoencoder)
     encoder = text_encoder(config)
     factors, _, text = world_eval.prompt_batch(wcfg, encoder, config.sampling.num_videos)
     null = np.broadcast_to(encoder.null(), text.shape)

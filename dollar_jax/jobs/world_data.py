@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from dollar_jax.data import arrays_dataset, world
-from dollar_jax.jobs.common import Paths, world_config
+from dollar_jax.data.world import world_config
+from dollar_jax.paths import Paths
 
 log = logging.getLogger(__name__)
 

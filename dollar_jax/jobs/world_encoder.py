@@ -10,21 +10,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dollar_jax.checkpoint import PARAMS_DIR, read_model_folder_config, restore_pytree, write_model_folder
+from dollar_jax.checkpoint import write_model_folder
 from dollar_jax.config import optimizer as optimizer_config
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches, train_dataset
-from dollar_jax.jobs.common import Paths, world_config
+from dollar_jax.data.world import world_config
 from dollar_jax.models.layers import abstract
 from dollar_jax.models.world_encoder import WorldEncoder
+from dollar_jax.paths import Paths
 from dollar_jax.train.loop import Job, scalar_metrics, train
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.state import all_finite, apply_gradients, keep_if_finite, split_model
-
-
-def folder_of(config, workdir: str) -> str:
-    e = config.world_encoder
-    return os.path.abspath(e.dir) if e.dir else os.path.join(Paths.of(config, workdir).workdir, "world_encoder")
 
 
 def classes(wcfg: world.WorldConfig) -> dict[str, int]:
@@ -61,7 +57,7 @@ def make_job(config, workdir: str) -> Job:
 
 
 def run(config, workdir: str) -> str:
-    out = folder_of(config, workdir)
+    out = Paths.of(config, workdir).world_encoder(config)
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     paths, wcfg, e = Paths.of(config, workdir), world_config(config), config.world_encoder
@@ -80,11 +76,3 @@ def run(config, workdir: str) -> str:
                              "metrics": {"validation_accuracy": accuracy, "steps": e.steps}},
                        nnx.to_pure_dict(nnx.state(model)))
     return out
-
-
-def load(folder: str) -> WorldEncoder:
-    d, _ = read_model_folder_config(folder, "world_encoder")
-    graphdef, state = nnx.split(abstract(lambda: WorldEncoder(d["classes"], d["width"], d["features"],
-                                                               rngs=nnx.Rngs(0))))
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(state))
-    return nnx.merge(graphdef, restore_pytree(os.path.join(folder, PARAMS_DIR), target))

@@ -11,4 +11,18 @@ def _register_optional():
 
 _register_optional()
 
-__all__ = ["Reward", "make_reward", "register", "registered"]
+
+
+def reward_from_config(config) -> Reward:
+    """The reward named by config.reward.name, with the settings it needs from the config."""
+    r = config.reward
+    kwargs = {}
+    if r.name == "clip_preference":
+        kwargs["path"] = r.path
+    if r.name == "world_adherence":
+        w = config.world
+        kwargs.update(num_frames=w.num_frames, height=w.height, width=w.width)
+    return make_reward(r.name, **kwargs)
+
+
+__all__ = ["Reward", "make_reward", "register", "registered", "reward_from_config"]

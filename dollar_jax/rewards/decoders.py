@@ -13,9 +13,9 @@ def world_decoder(autoencoder_dir: str) -> Callable[[np.ndarray], np.ndarray]:
     import jax
 
     from dollar_jax.eval import world_eval
-    from dollar_jax.jobs import autoencoder as autoencoder_job
+    from dollar_jax.checkpoint import load_autoencoder
 
-    ae = autoencoder_job.load(autoencoder_dir)
+    ae = load_autoencoder(autoencoder_dir)
     return lambda latents: world_eval.decode(ae, jax.device_get(latents))
 
 

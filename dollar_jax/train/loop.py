@@ -62,6 +62,13 @@ class Job:
     flops_per_step: Mapping[str, float] | None = None
 
 
+def jit_train_step(train_step: Callable, state_shardings, frozen_shardings, batch_shardings):
+    """The one way a step is jitted (trainer, memory planner, benchmarks): the state keeps its shardings and is
+    donated (updated in place); frozen inputs and the batch are read only."""
+    return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
@@ -120,20 +127,19 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
     batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in first.items()}
     frozen = job.frozen(mesh) if job.frozen else {}
     frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
-    step_fn = jax.jit(job.train_step, in_shardings=(shardings, frozen_shardings, batch_shardings),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    step_fn = jit_train_step(job.train_step, shardings, frozen_shardings, batch_shardings)
 
     every_ckpt = config.checkpoint.every_steps
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched: one step of lag
     window: list[dict] = []
     t_start, last_line = time.perf_counter(), 0.0
-    throughput_mark: list[tuple[int, float]] = []  # (step, time) after compilation, for TFLOP/s and MFU
+    mark: tuple[int, float] | None = None  # (step, time) of the last throughput window's end (after compilation)
     peak = peak_flops()
     batch = first
 
     def drain(upto_all: bool):
         """Fetch metrics of finished steps; enforce the NaN policy; write averages every log interval."""
-        nonlocal window
+        nonlocal window, mark
         keep = 0 if upto_all else 1
         while len(pending) > keep:
             s, m = pending.pop(0)
@@ -152,11 +158,11 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                 if job.learning_rate is not None:
                     means["learning_rate"] = float(job.learning_rate(s))
                 now = time.perf_counter()
-                if job.flops_per_step and throughput_mark and s > throughput_mark[0][0]:
-                    (s0, t0), = throughput_mark
-                    means.update(utilisation(job.flops_per_step, s - s0, now - t0, jax.device_count(), peak))
-                if throughput_mark:
-                    throughput_mark[:] = [(s, now)]
+                if job.flops_per_step and mark is not None and s > mark[0]:
+                    s0, t0 = mark
+                    means.update(utilisation(job.flops_per_step, s - s0, now - t0, mesh.devices.size, peak))
+                if mark is not None:
+                    mark = (s, now)
                 writer.write_scalars(s, means)
                 window = []
 
@@ -180,7 +186,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             if done == start + 1:
                 jax.block_until_ready(state)
                 t_start = last_line = time.perf_counter()  # rates and ETA exclude compilation
-                throughput_mark[:] = [(done, t_start)]
+                mark = (done, t_start)
             elif jax.process_index() == 0 and (now - last_line > 10 or done == job.total_steps):
                 rate = (done - start - 1) / (now - t_start)
                 print(f"[{job.name}] step {done}/{job.total_steps}  {rate:.2f} steps/s  "

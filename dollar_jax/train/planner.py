@@ -9,7 +9,9 @@ temporaries are an estimate (good to choose remat policy, mesh and batch), not a
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,9 @@ from dollar_jax.data.pipeline import batch_sharding
 from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.rules import axis_rules
 from dollar_jax.parallel.sharding import replicated, tree_shardings
-from dollar_jax.train.state import init_state, state_shardings
+from dollar_jax.train.flops import token_count
+from dollar_jax.train.loop import jit_train_step
+from dollar_jax.train.state import TrainState, init_state, state_shardings
 
 # Kernels that only run on accelerators are planned with their interpreted twin: same blockwise memory.
 PLANNING_KERNEL = {"splash": "splash_interpret", "cudnn": "splash_interpret"}
@@ -29,37 +33,57 @@ def _bytes(tree) -> int:
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-def plan_distill_step(config, mesh_shape: dict) -> dict:
-    """Compile config's distillation step on `mesh_shape` (needs that many devices) and measure it."""
-    from dollar_jax.jobs.distill import build_step, step_flops  # the trainer's own step, not a copy
+@dataclasses.dataclass
+class AbstractStep:
+    """The distillation step jitted as the trainer jits it, with its arguments as sharded ShapeDtypeStructs."""
+    step: object  # jobs.distill.DistillStep
+    jitted: Callable
+    state: TrainState
+    frozen: dict
+    batch: dict
+
+
+def _placed(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_distill_step(config, dit, mesh) -> AbstractStep:
+    """Build config's distillation step for `dit` on `mesh` (call inside `jax.set_mesh(mesh)`); nothing allocated."""
+    from dollar_jax.train.dollar_step import build_step  # the trainer's own step, not a copy
 
     if not config.data.latent_shape or not config.data.text_shape:
         raise ValueError("Planning needs config.data.latent_shape and config.data.text_shape")
     latent_shape, text_shape = tuple(config.data.latent_shape), tuple(config.data.text_shape)
+    step = build_step(config, dit, schedule_of(config), config.diffusion.prediction_type, latent_shape, text_shape)
+    abstract = jax.eval_shape(lambda p: init_state(step.roles, p, 0), step.abstract_params)
+    batch_size = int(config.distill.batch_size)
+    batch = {"latents": jax.ShapeDtypeStruct((batch_size, *latent_shape), jnp.float32),
+             "text": jax.ShapeDtypeStruct((batch_size, *text_shape), jnp.float32)}
+    if step.reward is not None:
+        batch.update(step.reward.abstract_inputs())
+    frozen = {"teacher": step.teacher_abstract, "null_text": jax.ShapeDtypeStruct(text_shape, jnp.float32)}
+    shardings = state_shardings(step.roles, abstract, mesh)
+    frozen_shardings = {"teacher": tree_shardings(mesh, step.teacher_abstract, step.teacher_role.axes),
+                        "null_text": replicated(mesh)}
+    batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    return AbstractStep(step, jit_train_step(step.train_step, shardings, frozen_shardings, batch_shardings),
+                        _placed(abstract, shardings), _placed(frozen, frozen_shardings), _placed(batch, batch_shardings))
+
+
+def plan_distill_step(config, mesh_shape: dict) -> dict:
+    """Compile config's distillation step on `mesh_shape` (needs that many devices) and measure it."""
+    from dollar_jax.train.dollar_step import step_flops
+
     dit = dit_config(config)
     dit = dit.replace(attention=PLANNING_KERNEL.get(dit.attention, dit.attention))
+    latent_shape, text_shape = tuple(config.data.latent_shape), tuple(config.data.text_shape)
     mesh = make_mesh(mesh_shape)
     rules = list(config.sharding_rules) if config.sharding_rules else None
     with jax.set_mesh(mesh), axis_rules(rules):
-        step = build_step(config, dit, schedule_of(config), config.diffusion.prediction_type, latent_shape,
-                          text_shape)
-        abstract = jax.eval_shape(lambda p: init_state(step.roles, p, 0), step.abstract_params)
-        shardings = state_shardings(step.roles, abstract, mesh)
-        teacher_shardings = tree_shardings(mesh, step.teacher_abstract, step.teacher_role.axes)
-        batch = int(config.distill.batch_size)
-        batch_arrays = {"latents": jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32),
-                        "text": jax.ShapeDtypeStruct((batch, *text_shape), jnp.float32)}
-        if step.reward is not None:
-            batch_arrays.update(step.reward.abstract_inputs())
-        frozen = {"teacher": step.teacher_abstract,
-                  "null_text": jax.ShapeDtypeStruct(text_shape, jnp.float32)}
-        frozen_shardings = {"teacher": teacher_shardings, "null_text": replicated(mesh)}
-        batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in batch_arrays.items()}
-        jitted = jax.jit(step.train_step, in_shardings=(shardings, frozen_shardings, batch_shardings),
-                         out_shardings=(shardings, None), donate_argnums=(0,))
-        compiled = jitted.lower(abstract, frozen, batch_arrays).compile()
-        memory = compiled.memory_analysis()
-        flops = step_flops(config, dit, latent_shape, text_shape, step.reward)
+        planned = abstract_distill_step(config, dit, mesh)
+        memory = planned.jitted.lower(planned.state, planned.frozen, planned.batch).compile().memory_analysis()
+        flops = step_flops(config, dit, latent_shape, text_shape, planned.step.reward)
+    abstract, step, batch = planned.state, planned.step, int(config.distill.batch_size)
     devices = mesh.devices.size
     state_bytes = {role: _bytes(abstract.params[role]) for role in abstract.params}
     gib = 2.0 ** 30
@@ -67,8 +91,7 @@ def plan_distill_step(config, mesh_shape: dict) -> dict:
         "devices": devices,
         "mesh": {k: v for k, v in zip(mesh.axis_names, mesh.devices.shape)},
         "batch": batch,
-        "tokens_per_clip": (latent_shape[0] // dit.patch_size[0]) * (latent_shape[1] // dit.patch_size[1])
-        * (latent_shape[2] // dit.patch_size[2]),
+        "tokens_per_clip": token_count(dit, latent_shape),
         "parameters": {role: sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params[role]))
                        for role in abstract.params},
         "state_gib_total": (_bytes(abstract) + _bytes(step.teacher_abstract)) / gib,

@@ -1,6 +1,6 @@
 """The reward half of a DOLLAR iteration: LRM regression on labelled latents, then a generator step on L_FT.
 
-Plugged into the distillation step (dollar_jax/jobs/distill.py) when config.reward.enabled. The host side
+Plugged into the DOLLAR step (dollar_jax/train/dollar_step.py) when config.reward.enabled. The host side
 is the labeller (decode + pixel reward in a background thread); the device side is two pure updates.
 """
 
@@ -14,27 +14,15 @@ import numpy as np
 from flax import nnx
 
 from dollar_jax.data.pipeline import host_batch_size
-from dollar_jax.jobs.common import Paths
 from dollar_jax.losses.reward import lrm_regression_loss, reward_finetune_loss
 from dollar_jax.models.reward_models import LatentRewardModel, LRMConfig
-from dollar_jax.rewards import make_reward
+from dollar_jax.rewards import reward_from_config
 from dollar_jax.rewards.decoders import make_decoder
 from dollar_jax.rewards.labeller import Labeller
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.state import all_finite, optimizer_step, split_model
 
 LRM_KEYS = ("lrm_latents", "lrm_text", "lrm_score", "lrm_valid")
-
-
-def make_reward_fn(config):
-    r = config.reward
-    kwargs = {}
-    if r.name == "clip_preference":
-        kwargs["path"] = r.path
-    if r.name == "world_adherence":
-        w = config.world
-        kwargs.update(num_frames=w.num_frames, height=w.height, width=w.width)
-    return make_reward(r.name, **kwargs)
 
 
 def lrm_config(config, latent_channels: int, text_dim: int) -> LRMConfig:
@@ -56,15 +44,17 @@ class RewardPart:
     labeller: Labeller | None = None
 
     # ---- host side ---------------------------------------------------------------------------------------
-    def start_labeller(self, config, workdir: str) -> None:
+    def start_labeller(self, config, autoencoder_dir: str = "") -> None:
+        """Start the labeller thread: decode with config.reward.decoder (the world's autoencoder at
+        `autoencoder_dir`, or the Wan VAE) and score with config.reward.name."""
         if jax.process_count() > 1:
             # Each host labels its own rows, but checkpoints keep host state (NumPy) from process 0 only, so a
             # multi-host resume would hand every host host 0's labels. Refuse rather than resume wrongly.
             raise NotImplementedError("Latent reward fine-tuning runs on one host (any number of local devices) "
                                       "for now; multi-host labeller state is not checkpointed per host.")
         r = config.reward
-        decode = make_decoder(r.decoder, autoencoder_dir=Paths.of(config, workdir).autoencoder, vae_path=r.vae_path)
-        self.labeller = Labeller(decode, make_reward_fn(config), lag=r.label_lag, window=r.label_window,
+        decode = make_decoder(r.decoder, autoencoder_dir=autoencoder_dir, vae_path=r.vae_path)
+        self.labeller = Labeller(decode, reward_from_config(config), lag=r.label_lag, window=r.label_window,
                                  seed=config.seed)
 
     def extra_inputs(self, done: int) -> dict:
