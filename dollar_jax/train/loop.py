@@ -17,14 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import periodic_actions
 
 from dollar_jax.data.pipeline import batch_sharding, numeric, to_global
 from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.rules import axis_rules
 from dollar_jax.train.checkpointing import RunCheckpointer
 from dollar_jax.train.flops import peak_flops, utilisation
-from dollar_jax.train.metrics import make_writer, truncate_metrics
 from dollar_jax.train.state import Role, TrainState, init_state, state_shardings
 
 log = logging.getLogger(__name__)
@@ -86,6 +84,11 @@ def train(job: Job, config, workdir: str) -> TrainState:
 
 
 def _train(job: Job, config, workdir: str, mesh) -> TrainState:
+    # Metric writers import TensorFlow (clu): only the loop needs them, not the step it jits (planner, benchmarks).
+    from clu import periodic_actions
+
+    from dollar_jax.train.metrics import make_writer, truncate_metrics
+
     abstract = jax.eval_shape(lambda p: init_state(job.roles, p, config.seed), job.abstract_params())
     shardings = state_shardings(job.roles, abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
