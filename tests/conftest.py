@@ -8,17 +8,47 @@ if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def world_run(tmp_path_factory):
-    """(config, workdir) of an embedded world trained through the teacher, built once per session."""
+def _build_world(workdir: str):
     from world_fixture import world_test_config
 
     from dollar_jax.main import run_job
 
-    workdir = str(tmp_path_factory.mktemp("world"))
     config = world_test_config(workdir)
     run_job(config, workdir)
-    return config, workdir
+    return config
+
+
+@pytest.fixture(scope="session")
+def world_run(tmp_path_factory, worker_id):
+    """(config, workdir) of an embedded world trained through the teacher, built once per test run.
+
+    Under pytest-xdist the first worker that needs it builds it (the others wait on a file lock) and every
+    worker then works on its own copy, so tests that write into the workdir never race each other.
+    """
+    from world_fixture import world_test_config
+
+    if worker_id == "master":  # no xdist
+        workdir = str(tmp_path_factory.mktemp("world"))
+        return _build_world(workdir), workdir
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # one folder per test run, shared by its workers
+    built = shared / "world"
+    with FileLock(str(shared / "world.lock")):
+        if not (built / "teacher" / "config.json").exists():
+            _build_world(str(built))
+    workdir = str(tmp_path_factory.mktemp("world"))
+    shutil.copytree(built, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.lock"))
+    return world_test_config(workdir), workdir
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need the trained world run first (stable order otherwise). With `-n 2 --dist worksteal` one
+    worker starts on them, building the world, while the other runs the rest from the far end; whoever
+    finishes first steals from the other's queue."""
+    items.sort(key=lambda item: "world_run" not in getattr(item, "fixturenames", ()))
