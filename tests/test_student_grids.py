@@ -90,7 +90,7 @@ def test_grid_table_pads_with_each_grids_last_step():
 def test_labeller_never_sees_a_skipped_step_or_non_finite_latents():
     submitted = []
     lab = Labeller(lambda z: z, lambda v, p: (submitted.append(v.copy()), v.reshape(len(v), -1).mean(1))[1],
-                   lag=2, window=4)
+                   lag=2, window=1)
     part = RewardPart(role=None, abstract_params=None, make_params=None, weight=1.0, microbatches=1, batch_size=2,
                       latent_shape=(1, 1, 1, 1), text_shape=(1, 1), labeller=lab)
     raw = {"latents": np.ones((2, 1, 1, 1, 1), np.float32), "text": np.zeros((2, 1, 1), np.float32),
@@ -98,7 +98,7 @@ def test_labeller_never_sees_a_skipped_step_or_non_finite_latents():
     bad = np.asarray([[[[[np.nan]]]], [[[[2.0]]]]], np.float32)
     part.after_step(1, {"student_x0": bad}, raw)  # one NaN row: dropped, the rest labelled
     part.after_step(2, None, raw)  # a non-finite step: nothing submitted, later steps do not wait for it
-    assert part.extra_inputs(4)["lrm_valid"].sum() == 0  # step 4 (lag 2) may use only step 2: skipped
+    assert part.extra_inputs(4)["lrm_valid"].sum() == 0  # step 4 (lag 2, window 1) may use only step 2: skipped
     batch = part.extra_inputs(3)
     assert batch["lrm_valid"].sum() == 2 and np.all(np.isfinite(batch["lrm_latents"]))
     assert len(submitted) == 1 and submitted[0].shape[0] == 3 and np.all(np.isfinite(submitted[0]))
@@ -125,3 +125,21 @@ def test_a_multi_grid_student_samples_only_the_step_counts_it_trained():
         eval_grids(DC)
     DC.eval_steps = (1, 2)
     assert eval_grids(DC, FLOW)[2] == student_grids((999.0, 499.0), FLOW).grids[0]
+
+
+def test_lft_gate_opens_on_the_lrm_correlation_and_is_host_state():
+    lab = Labeller(lambda z: z, lambda v, p: v.reshape(len(v), -1).mean(1), lag=2, window=4)
+    part = RewardPart(role=None, abstract_params=None, make_params=None, weight=1.0, microbatches=1, batch_size=2,
+                      latent_shape=(1, 1, 1, 1), text_shape=(1, 1), ft_min_correlation=0.8, labeller=lab)
+    assert part.extra_inputs(1)["ft_gate"].tolist() == [0.0, 0.0]  # gated, nothing measured yet
+    part.observe({"lrm_true_correlation": 0.5})
+    assert part.extra_inputs(2)["ft_gate"].max() == 0.0
+    part.observe({"lrm_true_correlation": 0.85})
+    part.observe({"lrm_true_correlation": 0.1})  # once open, it stays open
+    assert part.extra_inputs(2)["ft_gate"].tolist() == [1.0, 1.0]
+    resumed = RewardPart(**{**part.__dict__, "gate_open": False})
+    resumed.restore_host_state(part.host_state())
+    assert resumed.gate_open
+    ungated = RewardPart(**{**part.__dict__, "gate_open": False, "ft_min_correlation": -1.0})
+    assert ungated.extra_inputs(1)["ft_gate"].tolist() == [1.0, 1.0]
+    lab.close()

@@ -45,6 +45,12 @@ class Labeller:
             if item is None:
                 return
             step, latents, text, prompts = item
+            if latents is None:  # a skipped step
+                with self._done:
+                    self._chunks[step] = None
+                    self._pending.discard(step)
+                    self._done.notify_all()
+                continue
             try:
                 latents = np.asarray(latents, np.float32)
                 videos = self.decode(latents)
@@ -81,8 +87,8 @@ class Labeller:
         waiting for it go on."""
         self._raise_if_failed()
         with self._done:
-            self._chunks[int(step)] = None
-            self._done.notify_all()
+            self._pending.add(int(step))
+        self._queue.put((int(step), None, None, None))  # through the queue: chunks complete in step order
 
     def _eligible(self, step: int) -> list[int]:
         hi, lo = step - self.lag, step - self.lag - self.window
