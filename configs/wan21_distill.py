@@ -36,7 +36,13 @@ def get_config(arg: str | None = None):
     c.mesh.update(dict(data=1, fsdp=-1, context=1, tensor=1))
     c.distill.update(dict(
         steps=3000, batch_size=8, teacher_dtype="bfloat16",
+        # Nominal grid; the flow schedule's shift (diffusion.flow_shift) warps it, and every VSD / fake-score
+        # timestep draw, to where Wan's sampler puts them (FastVideo's DMD on Wan does the same).
         student_timesteps=(999.0, 749.0, 499.0, 249.0),
+        # Guidance: Wan's own sampler uses 5 (1.3B: 5-6) in the uncond-anchored form v_u + w (v_c - v_u); the
+        # paper's 3.5 (VSD) and cond-anchored 7.5 (CD, = uncond-anchored 8.5) were set for its own VP teacher.
+        real_guidance=5.0, real_convention="uncond_anchor",
+        cd_guidance=5.0, cd_convention="uncond_anchor",
     ))
     c.distill.optim.update(dict(learning_rate=1e-5, grad_clip=1.0))  # real teachers: ~1e-5 (DMD2 scale)
     c.distill.fake_optim.update(dict(learning_rate=2e-5, grad_clip=1.0))

@@ -2,14 +2,15 @@
 
     python -m dollar_jax.main --config=configs/world_distill.py --workdir=/tmp/world
     python -m dollar_jax.main --config=configs/world_distill.py:quick --workdir=/tmp/world_quick
-    variants: ":vsd" (VSD only), ":cd" (CD only); combine with quick as ":quick,vsd".
+    variants: ":vsd" (VSD only), ":cd" (CD only), ":grids" (one student trained on the 4-, 2- and 1-step
+    grids at once; without it each step count is thinned from the 4-step grid); combine as ":quick,vsd".
 
 Trains the world and its teacher first if the workdir lacks them.
 """
 
 from dollar_jax.config import base_config, embedded_world, variant_flags
 
-VARIANTS = ("quick", "vsd", "cd")
+VARIANTS = ("quick", "vsd", "cd", "grids")
 
 
 def get_config(arg: str | None = None):
@@ -24,4 +25,7 @@ def get_config(arg: str | None = None):
         c.distill.cd_weight, c.distill.name = 0.0, "student_vsd"
     if "cd" in flags:
         c.distill.vsd_weight, c.distill.name = 0.0, "student_cd"
+    if "grids" in flags:
+        c.distill.student_grids = ((999.0, 749.0, 499.0, 249.0), (999.0, 499.0), (999.0,))
+        c.distill.name = c.distill.name + "_grids"
     return c

@@ -109,14 +109,29 @@ def base_config() -> ml_collections.ConfigDict:
         teacher="",  # teacher model folder; default <workdir>/teacher
         teacher_dtype="float32",  # storage dtype of the frozen teacher ("bfloat16" halves its memory)
         name="student",  # run name and export folder <workdir>/<name>
+        # The student's grid in the paper's units; every grid goes through the schedule's warp (a flow teacher's
+        # shift: 999/749/499/249 become Wan's shifted 4-step grid, as Wan's sampler and FastVideo place them).
         student_timesteps=(999.0, 749.0, 499.0, 249.0),  # the paper's 4-step student
+        # Several grids trained at once so one student serves every step count, e.g.
+        # ((999., 749., 499., 249.), (999., 499.), (999.,)); () trains student_timesteps only (the paper trains
+        # one student per step count). Sampling with a step count not trained is an error.
+        student_grids=ml_collections.FieldReference((), field_type=tuple),
+        grid_sampling="per_iteration",  # with student_grids: one grid per batch, or "per_example"
         sample_mode="backward_simulation",  # or "noised_data"
-        # VSD (DMD2 form): real score = teacher with CFG; fake score unguided, trained online.
+        # VSD (DMD2 form): real score = teacher with CFG; fake score unguided, trained online. The paper's 3.5
+        # leaves the convention open; "uncond_anchor" is v_u + w (v_c - v_u) (DMD2's and Wan's sampler's form).
         vsd_weight=1.0, real_guidance=3.5, real_convention="uncond_anchor", vsd_t_min=0.02, vsd_t_max=0.98,
-        # CD: m teacher DDIM steps on the teacher's grid, CFG 7.5 in the paper's cond-anchored form.
+        # CD: m teacher DDIM steps on the teacher's grid, CFG 7.5 in the paper's cond-anchored form
+        # v_c + w (v_c - v_u) (= uncond-anchored 8.5).
         cd_weight=0.5, cd_steps=5, cd_grid=50, cd_guidance=7.5, cd_convention="cond_anchor",
         cd_distance="huber", huber_c=0.001,
-        fake_updates=5,  # fake-score updates per generator update (the paper: 5)
+        fake_updates=5,  # fake-score updates per generator update (the paper: 5); none when vsd_weight = 0
+        # What each fake-score update trains on. "fresh" (DMD2 / FastVideo): new noise, a new order of the
+        # batch's captions (a per-update permutation inside the step: no extra data reads, the captions stay
+        # the data distribution's) and a new no-gradient sample of the just-updated student. "reuse":
+        # re-noise the generator step's B samples every update (cheaper: no student evaluations; the fake
+        # score then sees only B samples per iteration). The paper does not say; DMD2 draws fresh ones.
+        fake_samples="fresh",
         student_ema_decay=0.95,  # the CD target network
         sigma_data=0.5, timestep_scale=10.0,  # LCM boundary scalings
         export="raw",  # export the raw student ("raw") or its EMA ("ema")
@@ -133,9 +148,20 @@ def base_config() -> ml_collections.ConfigDict:
         lrm_kind="frame", lrm_width=128, lrm_first_stride=4,  # kind: "frame" | "frame_text" | "video3d"
         lrm_optim=optimizer(learning_rate=1e-3, warmup_steps=0, decay="constant"),
         lrm_batch_size=32,
-        label_lag=2,  # step s trains on labels of steps <= s - lag (the labeller overlaps with the step)
+        # step s trains on labels of steps <= s - lag (the labeller overlaps with the step); >= 2, since a step's
+        # samples reach the labeller only once the step is known finite, one step later.
+        label_lag=2,
         label_window=64,  # ... and > s - lag - window
-        ft_microbatches=1,  # gradient accumulation for the L_FT generator step
+        ft_microbatches=1,  # gradient accumulation for the L_FT generator step (the paper: 7)
+        # The L_FT generator step's own optimiser (its own Adam moments and schedule, counting L_FT steps only;
+        # sharing the VSD + CD state would advance it twice per iteration). The paper does not give it.
+        ft_optim=optimizer(learning_rate=1e-4, warmup_steps=0, decay="constant", b1=0.0, b2=0.999),
+        # L_FT waits for the LRM: no L_FT step before ft_start_step iterations have run, then its update is
+        # scaled by min(1, n / ft_ramp_steps) for its n-th step (0: no ramp). The paper starts L_FT at once.
+        ft_start_step=0, ft_ramp_steps=0,
+        # ... and, above -1, until the evaluator's LRM-vs-true-reward correlation on held-out latents reaches
+        # this value (a host-side gate, checked every sampling.every_steps; needs the embedded world's evaluator).
+        ft_min_correlation=-1.0,
         eval_examples=64,  # held-out latents for the LRM-vs-true-reward correlation
     ))
 

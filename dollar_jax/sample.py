@@ -41,6 +41,12 @@ def sampler_for(blob: dict, schedule, steps: int | None, guidance: float, conven
     if "student" in blob:
         trained = [float(t) for t in blob["student"]["timesteps"]]
         n = steps or len(trained)
+        grids = {len(g): [float(t) for t in g] for g in blob["student"].get("grids", [trained])}
+        if len(grids) > 1:  # trained on several grids at once: exactly those step counts
+            if n not in grids:
+                raise ValueError(f"This student was trained on the grids {sorted(grids.values(), key=len)}; it "
+                                 f"samples in {sorted(grids)} steps, not {n}")
+            return student_spec(grids[n]), f"student, {n} step(s)"
         if n > len(trained) or len(trained) % n:
             raise ValueError(f"This student was trained on {trained}; it samples in a divisor of "
                              f"{len(trained)} steps, not {n}")

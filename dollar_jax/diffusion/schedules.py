@@ -2,9 +2,13 @@
 
 Two families cover the paper's teacher and the public one:
   VPSchedule    - variance-preserving DDPM with T = 1000 discrete training steps (the paper's teacher).
-  FlowSchedule  - rectified flow x_t = (1 - s) x0 + s eps with s = t / T (Wan2.1); `shift` only moves the
-                  sampling grid towards high noise, exactly as Wan's schedulers do.
-Both give a sampling grid of timesteps, high to low, for any number of steps.
+  FlowSchedule  - rectified flow x_t = (1 - s) x0 + s eps with s = t / T (Wan2.1); `shift` moves timesteps
+                  towards high noise, sigma' = shift sigma / (1 + (shift - 1) sigma), exactly as Wan's
+                  schedulers do.
+Both give a sampling grid of timesteps, high to low, for any number of steps, and `warp_timesteps`, the map
+every training timestep draw goes through (the student's grid, VSD, the fake score's denoising loss): the
+identity on VP, the shift on flow. A flow teacher never saw unshifted timesteps at inference, so a student
+and a fake score trained on them would spend their capacity where the teacher's sampler never goes.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ class VPSchedule:
                          jnp.asarray(self.alphas_cumprod, jnp.float32))
         return jnp.sqrt(acp), jnp.sqrt(1.0 - acp)
 
+    def warp_timesteps(self, t):
+        """The identity: the VP teacher's timesteps are used as drawn."""
+        return t
+
     def sampling_timesteps(self, num_steps: int) -> np.ndarray:
         if not 1 <= num_steps <= self.num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
@@ -80,7 +88,13 @@ class FlowSchedule:
         return 1.0 - s, s
 
     def shift_sigma(self, s):
+        """Wan's shift: sigma' = shift * sigma / (1 + (shift - 1) * sigma) (NumPy or jax arrays)."""
         return self.shift * s / (1.0 + (self.shift - 1.0) * s)
+
+    def warp_timesteps(self, t):
+        """Timesteps t in [0, T] -> T * shift_sigma(t / T): where Wan's sampler (and FastVideo's DMD) put them."""
+        n = self.num_train_timesteps
+        return self.shift_sigma(t / n) * n
 
     def sampling_timesteps(self, num_steps: int) -> np.ndarray:
         if num_steps < 1:

@@ -20,6 +20,7 @@ from dollar_jax.data.latents import check_dataset_fits, load_null_text
 from dollar_jax.data.pipeline import train_dataset
 from dollar_jax.data.text import text_encoder
 from dollar_jax.data.world import world_config
+from dollar_jax.diffusion.student import student_grids as warped_student_grids
 from dollar_jax.eval import video_io, world_eval
 from dollar_jax.eval.generate import make_generate, student_spec
 from dollar_jax.jobs.common import conditioning_sections
@@ -73,18 +74,31 @@ def make_job(config, workdir: str) -> Job:
         name=dc.name, roles=step.roles, abstract_params=lambda: step.abstract_params,
         initial_params=initial_params, train_step=step.train_step,
         dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_and_caption),
-        total_steps=dc.steps, learning_rate=step.learning_rate, frozen=frozen,
+        # No single learning rate: the step logs the one each optimiser used (lr_student, lr_fake, lr_ft, ...).
+        total_steps=dc.steps, learning_rate=None, frozen=frozen,
         flops_per_step=step_flops(config, dit, latent_shape, text_shape, reward),
     )
     if reward is not None:
         reward.start_labeller(config, paths.autoencoder)
         job.extra_inputs, job.after_step = reward.extra_inputs, reward.after_step
-        job.host_state, job.restore_host_state = reward.labeller.state, reward.labeller.restore
+        job.host_state, job.restore_host_state = reward.host_state, reward.restore_host_state
         job.close = reward.labeller.close
+    if reward is not None and reward.weight and reward.gated and not (config.sampling.every_steps and
+                                                                      config.embedded_world):
+        raise ValueError("reward.ft_min_correlation gates L_FT on the evaluator's LRM correlation, which runs only "
+                         "with sampling.every_steps > 0 in the embedded world; set reward.ft_min_correlation=-1")
     if config.sampling.every_steps and config.embedded_world:
-        job.on_sample = make_world_evaluator(config, workdir, step.roles["student"], schedule, prediction_type, latent_shape,
-                                             reward)
-        job.sample_every = config.sampling.every_steps
+        evaluate = make_world_evaluator(config, workdir, step.roles["student"], schedule, prediction_type,
+                                        latent_shape, reward)
+
+        def on_sample(state, done):
+            out = evaluate(state, done)
+            if reward is not None:
+                reward.observe(out)  # the L_FT gate reads the LRM's held-out correlation
+                out["ft_gate_open"] = float(reward.gate_open or not reward.gated)
+            return out
+
+        job.on_sample, job.sample_every = on_sample, config.sampling.every_steps
     return job
 
 
@@ -103,7 +117,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     null = np.broadcast_to(encoder.null(), text.shape)
     noise = jax.random.normal(jax.random.key(7), (len(text), *latent_shape))
     generators = {n: make_generate(role.module, schedule, prediction_type, student_spec(grid))
-                  for n, grid in student_grids(dc).items()}
+                  for n, grid in student_grids(dc, schedule).items()}
 
     def on_sample(state: TrainState, step: int) -> dict:
         params = state.params["student"] if dc.export == "raw" else state.ema["student"]
@@ -145,16 +159,34 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     return on_sample
 
 
-def student_grids(dc) -> dict[int, tuple[float, ...]]:
-    """Timesteps for each evaluated step count: evenly thinned from the trained grid (4 -> 2 -> 1 steps
-    gives {999, 749, 499, 249} -> {999, 499} -> {999}, the paper's grids)."""
+def student_grids(dc, schedule=None) -> dict[int, tuple[float, ...]]:
+    """Model timesteps for each evaluated step count. Trained on several grids (distill.student_grids): exactly
+    those, and a step count without a trained grid is an error. Trained on one grid: evenly thinned from it
+    (4 -> 2 -> 1 steps gives {999, 749, 499, 249} -> {999, 499} -> {999}, the paper's grids). Both go through
+    the schedule's warp (the flow shift) when `schedule` is given, as training did."""
+    warp = (lambda g: tuple(float(t) for t in np.asarray(schedule.warp_timesteps(np.asarray(g, np.float64)),
+                                                         np.float32))) if schedule is not None else tuple
+    if dc.student_grids:
+        trained = {len(g): tuple(float(t) for t in g) for g in dc.student_grids}
+        missing = [n for n in dc.eval_steps if n not in trained]
+        if missing:
+            raise ValueError(f"distill.eval_steps: {missing} steps were not trained (distill.student_grids "
+                             f"has {sorted(trained)} steps)")
+        return {n: warp(trained[n]) for n in dc.eval_steps}
     trained = tuple(float(t) for t in dc.student_timesteps)
     grids = {}
     for n in dc.eval_steps:
         if n > len(trained) or len(trained) % n:
             raise ValueError(f"distill.eval_steps: {n} steps cannot be taken from the trained grid {trained}")
-        grids[n] = trained[:: len(trained) // n]
+        grids[n] = warp(trained[:: len(trained) // n])
     return grids
+
+
+def job_grids(config, schedule) -> tuple[tuple[float, ...], ...]:
+    """The model-timestep grids the student trains on, longest first."""
+    dc = config.distill
+    grids = warped_student_grids(tuple(dc.student_grids) or tuple(dc.student_timesteps), schedule).grids
+    return tuple(sorted(grids, key=len, reverse=True))
 
 
 def run(config, workdir: str) -> str:
@@ -168,10 +200,13 @@ def run(config, workdir: str) -> str:
     state = train(job, config, paths.run(dc.name))
     _, _, diffusion = teacher_parameterisation(folder)
     params = state.params["student"] if dc.export == "raw" else state.ema["student"]
+    schedule, _, _ = teacher_parameterisation(folder)
+    trained = [list(g) for g in job_grids(config, schedule)]
     write_model_folder(out, {
         "dit": student_dit(config, folder).to_dict(),
         "diffusion": diffusion,
-        "student": {"timesteps": list(dc.student_timesteps), "sigma_data": dc.sigma_data,
+        # Model timesteps as trained (after the schedule's warp); "grids": every grid it was trained on.
+        "student": {"timesteps": trained[0], "grids": trained, "sigma_data": dc.sigma_data,
                     "timestep_scale": dc.timestep_scale, "eval_steps": list(dc.eval_steps)},
         "source": {"format": "dollar-jax-student", "teacher": folder, "steps": int(state.step), "weights": dc.export,
                    "vsd_weight": dc.vsd_weight, "cd_weight": dc.cd_weight},

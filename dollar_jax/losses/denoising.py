@@ -18,13 +18,16 @@ ApplyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def sample_timesteps(rng: jax.Array, batch: int, schedule, t_min: float = 0.0, t_max: float | None = None,
-                     discrete: bool | None = None) -> jax.Array:
-    """Uniform training timesteps in [t_min, t_max] (integers on a discrete VP schedule)."""
+                     discrete: bool | None = None, warp: bool = True) -> jax.Array:
+    """Training timesteps uniform in [t_min, t_max] (integers on a discrete VP schedule), then through the
+    schedule's warp (the flow shift; the identity on VP) unless `warp` is False."""
     t_max = schedule.t_max if t_max is None else t_max
     discrete = hasattr(schedule, "alphas_cumprod") if discrete is None else discrete
     if discrete:
-        return jax.random.randint(rng, (batch,), int(round(t_min)), int(round(t_max)) + 1).astype(jnp.float32)
-    return jax.random.uniform(rng, (batch,), minval=t_min, maxval=t_max)
+        t = jax.random.randint(rng, (batch,), int(round(t_min)), int(round(t_max)) + 1).astype(jnp.float32)
+    else:
+        t = jax.random.uniform(rng, (batch,), minval=t_min, maxval=t_max)
+    return schedule.warp_timesteps(t) if warp else t
 
 
 def drop_text(rng: jax.Array, text: jax.Array, null_text: jax.Array, p: float) -> jax.Array:

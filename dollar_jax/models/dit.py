@@ -154,7 +154,10 @@ class WanDiT(nnx.Module):
             return WanBlock(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
-        self.proj_out = Dense(dim, patch * cfg.out_channels, ("embed", "patch_out"), kernel_init=zeros, **kw)
+        # The output head computes in float32 whatever cfg.dtype (Wan runs its head under float32 autocast): the
+        # prediction is what every loss and sampler step differences, where bf16 rounding would show.
+        self.proj_out = Dense(dim, patch * cfg.out_channels, ("embed", "patch_out"), kernel_init=zeros,
+                              **(kw | dict(dtype=jnp.float32)))
         init = lambda key, shape, dtype: (jax.random.normal(key, shape) / math.sqrt(shape[-1])).astype(dtype)
         self.scale_shift_table = param(rngs, init, (2, dim), ("modulation", "embed"), pdt)
 
@@ -199,7 +202,7 @@ class WanDiT(nnx.Module):
         h = self._run_blocks(h, context, modulation, rope)
 
         shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32)[None] + temb[:, None], 2, axis=1)
-        h = (layer_norm(h, cfg.eps) * (1 + scale) + shift).astype(dtype)
+        h = layer_norm(h.astype(jnp.float32), cfg.eps) * (1 + scale) + shift  # float32 norm and head
         out = self.proj_out(h)
         f, hh, ww = grid
         return einops.rearrange(

@@ -45,6 +45,12 @@ class Labeller:
             if item is None:
                 return
             step, latents, text, prompts = item
+            if latents is None:  # a skipped step
+                with self._done:
+                    self._chunks[step] = None
+                    self._pending.discard(step)
+                    self._done.notify_all()
+                continue
             try:
                 latents = np.asarray(latents, np.float32)
                 videos = self.decode(latents)
@@ -76,9 +82,17 @@ class Labeller:
             self._pending.add(int(step))
         self._queue.put((int(step), latents, text, list(prompts)))
 
+    def skip(self, step: int) -> None:
+        """Record that step `step` has nothing to label (it was not finite): an empty chunk, so that later steps
+        waiting for it go on."""
+        self._raise_if_failed()
+        with self._done:
+            self._pending.add(int(step))
+        self._queue.put((int(step), None, None, None))  # through the queue: chunks complete in step order
+
     def _eligible(self, step: int) -> list[int]:
         hi, lo = step - self.lag, step - self.lag - self.window
-        return sorted(s for s in self._chunks if lo < s <= hi)
+        return sorted(s for s in self._chunks if lo < s <= hi and self._chunks[s] is not None)
 
     def batch(self, step: int, size: int) -> dict[str, np.ndarray] | None:
         """A deterministic training batch for step `step`, or None when no labelled data can exist yet.
@@ -113,15 +127,19 @@ class Labeller:
         """Every live labelled chunk, after finishing the queued work: {"steps": [...], "chunks": {"<s>": {...}}}."""
         self.flush()
         with self._done:
-            out = {"steps": np.asarray(sorted(self._chunks), np.int64)}
-            if self._chunks:
-                out["chunks"] = {str(s): dict(chunk) for s, chunk in self._chunks.items()}
+            live = {s: c for s, c in self._chunks.items() if c is not None}
+            # Skipped steps are saved too: a resumed step waiting for one of them must not wait forever.
+            out = {"steps": np.asarray(sorted(live), np.int64),
+                   "skipped": np.asarray(sorted(s for s, c in self._chunks.items() if c is None), np.int64)}
+            if live:
+                out["chunks"] = {str(s): dict(chunk) for s, chunk in live.items()}
         return out
 
     def restore(self, state: dict) -> None:
         with self._done:
             self._chunks = {int(s): {k: np.asarray(state["chunks"][str(int(s))][k]) for k in ("latents", "text", "score")}
                             for s in np.asarray(state["steps"]).tolist()}
+            self._chunks.update({int(s): None for s in np.asarray(state.get("skipped", [])).tolist()})
 
     def close(self) -> None:
         self._queue.put(None)

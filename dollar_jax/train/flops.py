@@ -74,17 +74,20 @@ def distill_step_flops(config, cfg: DiTConfig, latent_shape, text_length: int, l
     batch = int(dc.batch_size)
     forward = dit_forward_flops(cfg, latent_shape, text_length, batch)
     guided = lambda scale: 2.0 if float(scale) != 1.0 else 1.0  # noqa: E731  (cond + uncond)
-    n = len(dc.student_timesteps)
+    grids = list(dc.student_grids) or [dc.student_timesteps]
+    n = sum(len(g) for g in grids) / len(grids)  # a grid drawn uniformly, then a step uniformly in it
     chain = (n - 1) / 2.0 if dc.sample_mode == "backward_simulation" else 0.0  # expected no-grad steps
     train = _train_factor(cfg)
-    roles = {"teacher": 0.0, "student": (chain + train) * forward, "fake": 0.0}
-    if dc.vsd_weight:
+    roles = {"teacher": 0.0, "student": 0.0, "fake": 0.0}
+    if dc.vsd_weight:  # the sample, the real and fake scores at it, and the fake-score updates
+        roles["student"] += (chain + train) * forward
         roles["teacher"] += guided(dc.real_guidance) * forward
-        roles["fake"] += forward
+        roles["fake"] += forward + dc.fake_updates * train * forward
+        if dc.fake_samples == "fresh":  # a new no-gradient sample per fake update
+            roles["student"] += dc.fake_updates * (chain + 1.0) * forward
     if dc.cd_weight:
         roles["teacher"] += dc.cd_steps * guided(dc.cd_guidance) * forward
         roles["student"] += (train + 1.0) * forward  # the CD student with gradient, its EMA target without
-    roles["fake"] += dc.fake_updates * train * forward
     reward = config.reward
     if reward.enabled:
         roles["lrm"] = 3.0 * lrm_flops * reward.lrm_batch_size

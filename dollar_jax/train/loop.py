@@ -50,7 +50,8 @@ class Job:
     # passed to every step, neither donated nor checkpointed (they are inputs of the run, not its state).
     frozen: Callable[[Any], dict] | None = None  # mesh -> pytree of placed arrays
     # Host-side companions of the step (the reward labeller): extra NumPy inputs for step `done`, a callback
-    # with the step's "_outputs" and its host batch, and host state saved/restored with the checkpoints.
+    # with the step's "_outputs" and its host batch (called once the step's metrics are fetched; outputs None
+    # for a non-finite step), and host state saved/restored with the checkpoints.
     extra_inputs: Callable[[int], dict] | None = None
     after_step: Callable[[int, dict, dict], None] | None = None
     host_state: Callable[[], dict] | None = None
@@ -133,7 +134,8 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
     step_fn = jit_train_step(job.train_step, shardings, frozen_shardings, batch_shardings)
 
     every_ckpt = config.checkpoint.every_steps
-    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched: one step of lag
+    # (step, device metrics, device outputs, host batch) not yet fetched: one step of lag.
+    pending: list[tuple[int, dict, Any, dict]] = []
     window: list[dict] = []
     t_start, last_line = time.perf_counter(), 0.0
     mark: tuple[int, float] | None = None  # (step, time) of the last throughput window's end (after compilation)
@@ -145,9 +147,12 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
         nonlocal window, mark
         keep = 0 if upto_all else 1
         while len(pending) > keep:
-            s, m = pending.pop(0)
+            s, m, outputs, raw_s = pending.pop(0)
             m = jax.device_get(m)
-            if not bool(m.pop("finite")):
+            finite = bool(m.pop("finite"))
+            if job.after_step is not None:  # only now is the step known finite: never hand on a bad step's outputs
+                job.after_step(s, outputs if finite else None, raw_s)
+            if not finite:
                 msg = f"[{job.name}] non-finite loss or gradient at step {s}"
                 if config.nan_policy == "stop":
                     raise NonFiniteError(msg + "; stopping (the last checkpoint is kept). "
@@ -174,17 +179,16 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             state, metrics = step_fn(state, frozen, to_global(batch, mesh))
             done = step + 1
             outputs = metrics.pop("_outputs", None)
-            if job.after_step is not None:
-                job.after_step(done, outputs, raw)
-            pending.append((done, metrics))
+            pending.append((done, metrics, outputs, raw))
             report(done)
             save_now = done == job.total_steps or (every_ckpt and done % every_ckpt == 0)
             drain(upto_all=save_now)
+            # Evaluate before saving: host state the evaluation changes (the L_FT gate) belongs to this checkpoint.
+            if job.on_sample and job.sample_every and done % job.sample_every == 0 and done < job.total_steps:
+                writer.write_scalars(done, job.on_sample(state, done))
             if save_now:
                 host = job.host_state() if job.host_state is not None else None
                 ckpt.save(done, state, data_iter.get_state(), {"config": config_json}, host)
-            if job.on_sample and job.sample_every and done % job.sample_every == 0 and done < job.total_steps:
-                writer.write_scalars(done, job.on_sample(state, done))
             now = time.perf_counter()
             if done == start + 1:
                 jax.block_until_ready(state)

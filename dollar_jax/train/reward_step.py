@@ -1,7 +1,9 @@
 """The reward half of a DOLLAR iteration: LRM regression on labelled latents, then a generator step on L_FT.
 
 Plugged into the DOLLAR step (dollar_jax/train/dollar_step.py) when config.reward.enabled. The host side
-is the labeller (decode + pixel reward in a background thread); the device side is two pure updates.
+is the labeller (decode + pixel reward in a background thread) and the L_FT gate (opened when the LRM agrees
+with the true reward on held-out latents); the device side is two pure updates, the second (L_FT) on its
+own optimiser state, switched on by a start step and the gate, and ramped in.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from dollar_jax.data.pipeline import host_batch_size
@@ -22,7 +25,7 @@ from dollar_jax.rewards.labeller import Labeller
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.state import all_finite, optimizer_step, split_model
 
-LRM_KEYS = ("lrm_latents", "lrm_text", "lrm_score", "lrm_valid")
+LRM_KEYS = ("lrm_latents", "lrm_text", "lrm_score", "lrm_valid", "ft_gate")
 
 
 def lrm_config(config, latent_channels: int, text_dim: int) -> LRMConfig:
@@ -41,7 +44,11 @@ class RewardPart:
     batch_size: int
     latent_shape: tuple
     text_shape: tuple
+    ft_start_step: int = 0
+    ft_ramp_steps: int = 0
+    ft_min_correlation: float = -1.0  # -1: no gate (a correlation is never below -1)
     labeller: Labeller | None = None
+    gate_open: bool = False  # host side: has the LRM's held-out correlation reached ft_min_correlation?
 
     # ---- host side ---------------------------------------------------------------------------------------
     def start_labeller(self, config, autoencoder_dir: str = "") -> None:
@@ -57,16 +64,37 @@ class RewardPart:
         self.labeller = Labeller(decode, reward_from_config(config), lag=r.label_lag, window=r.label_window,
                                  seed=config.seed)
 
+    @property
+    def gated(self) -> bool:
+        return self.ft_min_correlation > -1.0
+
+    def observe(self, evaluation: dict) -> None:
+        """Host side: open the L_FT gate (for good) once the evaluator's LRM-vs-true-reward correlation on
+        held-out latents reaches reward.ft_min_correlation."""
+        corr = evaluation.get("lrm_true_correlation")
+        if corr is not None and np.isfinite(corr) and corr >= self.ft_min_correlation:
+            self.gate_open = True
+
     def extra_inputs(self, done: int) -> dict:
-        """The labelled batch step `done` trains the LRM on (zeros with valid = 0 before any label exists)."""
+        """The labelled batch step `done` trains the LRM on (zeros with valid = 0 before any label exists), and
+        the L_FT gate as a batch input (the step stays pure; the gate is host state saved with checkpoints)."""
         n = host_batch_size(self.batch_size)  # reward.lrm_batch_size is global, like every batch size
+        gate = np.full((n,), 1.0 if self.gate_open or not self.gated else 0.0, np.float32)
         b = self.labeller.batch(done, n)
         if b is None:
             return {"lrm_latents": np.zeros((n, *self.latent_shape), np.float32),
                     "lrm_text": np.zeros((n, *self.text_shape), np.float32),
-                    "lrm_score": np.zeros((n,), np.float32), "lrm_valid": np.zeros((n,), np.float32)}
+                    "lrm_score": np.zeros((n,), np.float32), "lrm_valid": np.zeros((n,), np.float32),
+                    "ft_gate": gate}
         return {"lrm_latents": b["latents"], "lrm_text": b["text"], "lrm_score": b["score"],
-                "lrm_valid": np.ones((n,), np.float32)}
+                "lrm_valid": np.ones((n,), np.float32), "ft_gate": gate}
+
+    def host_state(self) -> dict:
+        return {**self.labeller.state(), "ft_gate_open": np.asarray(self.gate_open, np.int32)}
+
+    def restore_host_state(self, state: dict) -> None:
+        self.labeller.restore(state)
+        self.gate_open = bool(np.asarray(state.get("ft_gate_open", 0)))
 
     def abstract_inputs(self) -> dict:
         """Global shapes of the labelled inputs the step reads (for abstract compilation)."""
@@ -74,14 +102,24 @@ class RewardPart:
         return {"lrm_latents": jax.ShapeDtypeStruct((n, *self.latent_shape), jnp.float32),
                 "lrm_text": jax.ShapeDtypeStruct((n, *self.text_shape), jnp.float32),
                 "lrm_score": jax.ShapeDtypeStruct((n,), jnp.float32),
-                "lrm_valid": jax.ShapeDtypeStruct((n,), jnp.float32)}
+                "lrm_valid": jax.ShapeDtypeStruct((n,), jnp.float32),
+                "ft_gate": jax.ShapeDtypeStruct((n,), jnp.float32)}
 
-    def after_step(self, done: int, outputs: dict, raw_batch: dict) -> None:
-        """Send the real latents and the student's x0 predictions of step `done` to the labeller."""
+    def after_step(self, done: int, outputs: dict | None, raw_batch: dict) -> None:
+        """Send the real latents and the student's x0 predictions of step `done` to the labeller. The loop calls
+        this once the step is known finite, with `outputs` None when it was not (skipped: nothing to label);
+        rows with non-finite latents are dropped, so the labeller never decodes NaNs."""
+        if outputs is None:
+            self.labeller.skip(done)
+            return
         prompts = [c.decode() if isinstance(c, bytes) else str(c) for c in raw_batch["caption"]]
         latents = np.concatenate([np.asarray(raw_batch["latents"], np.float32), local(outputs["student_x0"])])
         text = np.concatenate([raw_batch["text"], raw_batch["text"]])
-        self.labeller.submit(done, latents, text, prompts + prompts)
+        ok = np.all(np.isfinite(latents.reshape(len(latents), -1)), axis=1)
+        if not ok.any():
+            self.labeller.skip(done)
+            return
+        self.labeller.submit(done, latents[ok], text[ok], [p for p, k in zip(prompts + prompts, ok) if k])
 
     # ---- device side (pure) --------------------------------------------------------------------------------
     def lrm_update(self, params, opt_state, batch):
@@ -95,6 +133,36 @@ class RewardPart:
         keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(any_valid, a, b), n, o)
         return keep(new_params, params), keep(new_opt, opt_state), {
             "loss_lrm": loss, "grad_norm_lrm": gnorm, "lrm_active": any_valid.astype(jnp.float32)}, all_finite(loss, grads)
+
+    def finetune_step(self, ft_role, ft_lr, student_params, lrm_params, opt_state, sample_fn, text, data, key,
+                      step, batch):
+        """The L_FT generator step on its own optimiser state, when it is on (lax.cond: an off step costs
+        nothing and leaves the L_FT optimiser's count unchanged). On from step reward.ft_start_step, once the
+        host-side gate is open; the update is scaled by min(1, n / ft_ramp_steps) for its n-th step (Adam
+        normalises the gradient, so the ramp scales the update: a ramp of beta_FT's effect, not of its value).
+        Returns (student params, L_FT optimiser state, metrics, finite)."""
+        active = (step >= self.ft_start_step) & (jnp.max(batch["ft_gate"]) > 0)
+        count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
+        ramp = (jnp.minimum(1.0, (count + 1.0) / self.ft_ramp_steps) if self.ft_ramp_steps
+                else jnp.ones((), jnp.float32))
+
+        def on(operands):
+            params, opt = operands
+            grads, loss = self.finetune_grads(params, lrm_params, sample_fn, text, data, key)
+            updates, opt = ft_role.optimizer.update(grads, opt, params)
+            updates = jax.tree.map(lambda u: u * ramp.astype(u.dtype), updates)
+            return (optax.apply_updates(params, updates), opt, loss.astype(jnp.float32),
+                    optax.global_norm(grads).astype(jnp.float32), all_finite(loss, grads))
+
+        def off(operands):
+            params, opt = operands
+            zero = jnp.zeros((), jnp.float32)
+            return params, opt, zero, zero, jnp.ones((), bool)
+
+        params, opt_state, loss, gnorm, finite = jax.lax.cond(active, on, off, (student_params, opt_state))
+        on_f = active.astype(jnp.float32)
+        return params, opt_state, {"loss_ft": loss, "grad_norm_ft": gnorm, "ft_active": on_f,
+                                   "ft_scale": on_f * ramp, "lr_ft": on_f * ft_lr(count)}, finite
 
     def finetune_grads(self, student_params, lrm_params, sample_fn, text, data, key):
         """Gradient of weight * L_FT for the student, accumulated over `microbatches` chunks of the batch.
@@ -132,6 +200,15 @@ def make_reward_part(config, latent_shape, text_shape) -> RewardPart:
     role, abstract_params = split_model("lrm", make(), optimizer)
     if config.distill.batch_size % r.ft_microbatches:
         raise ValueError(f"reward.ft_microbatches={r.ft_microbatches} must divide distill.batch_size")
+    if r.label_lag < 2:
+        raise ValueError(f"reward.label_lag={r.label_lag}: must be >= 2 (a step's samples reach the labeller only "
+                         "once the next step has been dispatched and the step is known finite)")
+    if r.ft_start_step < 0 or r.ft_ramp_steps < 0:
+        raise ValueError("reward.ft_start_step and reward.ft_ramp_steps must be >= 0")
+    if not -1.0 <= r.ft_min_correlation <= 1.0:
+        raise ValueError(f"reward.ft_min_correlation must be in [-1, 1] (-1: no gate), got {r.ft_min_correlation}")
     return RewardPart(role=role, abstract_params=abstract_params, make_params=lambda: split_model("l", make())[1],
                       weight=float(r.weight), microbatches=int(r.ft_microbatches), batch_size=int(r.lrm_batch_size),
-                      latent_shape=tuple(latent_shape), text_shape=tuple(text_shape))
+                      latent_shape=tuple(latent_shape), text_shape=tuple(text_shape),
+                      ft_start_step=int(r.ft_start_step), ft_ramp_steps=int(r.ft_ramp_steps),
+                      ft_min_correlation=float(r.ft_min_correlation))

@@ -31,6 +31,13 @@ class Role:
     optimizer: optax.GradientTransformation | None = None  # None: frozen
     ema_decay: float | None = None
     static: Any = None  # non-parameter variables (e.g. normalisation statistics), constant during training
+    # An optimiser-only role updates another role's parameters with its own optimiser state (the L_FT step
+    # of the student): it holds no parameters of its own, only opt_state[name].
+    params_of: str | None = None
+
+    @property
+    def param_owner(self) -> str:
+        return self.params_of or self.name
 
     @property
     def trainable(self) -> bool:
@@ -65,7 +72,7 @@ class TrainState:
 
 def init_state(roles: Mapping[str, Role], params: Mapping[str, Any], seed: int) -> TrainState:
     """Pure: optimiser states and EMA copies from the initial parameters (jit it with out_shardings)."""
-    opt_state = {n: r.optimizer.init(params[n]) for n, r in roles.items() if r.trainable}
+    opt_state = {n: r.optimizer.init(params[r.param_owner]) for n, r in roles.items() if r.trainable}
     ema = {n: jax.tree.map(jnp.copy, params[n]) for n, r in roles.items() if r.ema_decay is not None}
     return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)),
                       params=dict(params), opt_state=opt_state, ema=ema)
@@ -79,7 +86,7 @@ def state_shardings(roles: Mapping[str, Role], abstract: TrainState, mesh: Mesh)
     opt_state = {}
     for n, opt in abstract.opt_state.items():
         opt_state[n] = optax.tree_map_params(
-            roles[n].optimizer, lambda _, s: s, opt, params[n],
+            roles[n].optimizer, lambda _, s: s, opt, params[roles[n].param_owner],
             transform_non_params=lambda _: rep,
             is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
         )
@@ -94,7 +101,7 @@ def optimizer_step(role: Role, params, opt_state, grads) -> tuple[dict, Any, jax
 
 def apply_gradients(state: TrainState, role: Role, grads) -> tuple[dict, Any, jax.Array]:
     """`optimizer_step` on the role's parameters and optimiser state held in `state`."""
-    return optimizer_step(role, state.params[role.name], state.opt_state[role.name], grads)
+    return optimizer_step(role, state.params[role.param_owner], state.opt_state[role.name], grads)
 
 
 def update_ema(ema, params, decay: float):
