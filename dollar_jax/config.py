@@ -130,7 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
         decoder="world_autoencoder",  # how the labeller decodes latents: "world_autoencoder" | "wan_vae"
         vae_path="",  # diffusers AutoencoderKLWan folder for decoder="wan_vae"
         weight=1.0,  # beta_FT; 0 trains the LRM but leaves the student exactly as plain distillation
-        lrm_kind="frame", lrm_width=128, lrm_first_stride=4,  # kind: "frame" | "frame_text" | "video3d"
+        # kind: "paper_image" | "paper_text" (the paper's Table 8.1 layouts: 189,441 / 763,009 parameters at
+        # 16 latent channels and 4096-d text) | "frame" | "frame_text" | "video3d" (this project's variants)
+        lrm_kind="frame", lrm_width=128, lrm_first_stride=4,
         lrm_optim=optimizer(learning_rate=1e-3, warmup_steps=0, decay="constant"),
         lrm_batch_size=32,
         label_lag=2,  # step s trains on labels of steps <= s - lag (the labeller overlaps with the step)
