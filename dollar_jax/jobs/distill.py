@@ -21,7 +21,7 @@ from dollar_jax.data.pipeline import train_dataset
 from dollar_jax.data.text import text_encoder
 from dollar_jax.data.world import world_config
 from dollar_jax.eval import video_io, world_eval
-from dollar_jax.eval.generate import make_generate, student_spec
+from dollar_jax.eval.generate import make_generate, student_sampler, thin_grid
 from dollar_jax.jobs.common import conditioning_sections
 from dollar_jax.parallel.sharding import replicated
 from dollar_jax.paths import Paths
@@ -102,8 +102,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     factors, captions, text = world_eval.prompt_batch(wcfg, encoder, config.sampling.num_videos)
     null = np.broadcast_to(encoder.null(), text.shape)
     noise = jax.random.normal(jax.random.key(7), (len(text), *latent_shape))
-    generators = {n: make_generate(role.module, schedule, prediction_type, student_spec(grid))
-                  for n, grid in student_grids(dc).items()}
+    generators = student_generators(dc, role, schedule, prediction_type)
 
     def on_sample(state: TrainState, step: int) -> dict:
         params = state.params["student"] if dc.export == "raw" else state.ema["student"]
@@ -145,15 +144,29 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     return on_sample
 
 
+def student_section(dc) -> dict:
+    """The student folder's "student" section: what samplers read to sample it as it was trained."""
+    return {"timesteps": [float(t) for t in dc.student_timesteps], "sigma_data": float(dc.sigma_data),
+            "timestep_scale": float(dc.timestep_scale), "eval_steps": [int(n) for n in dc.eval_steps]}
+
+
+def student_generators(dc, role, schedule, prediction_type) -> dict:
+    """{steps: jitted generate} for config.distill.eval_steps, built from the same section the exported folder
+    carries, so the in-training samples are those `dollar_jax.sample` draws from the export."""
+    section = student_section(dc)
+    return {n: make_generate(role.module, schedule, prediction_type, student_sampler(section, n))
+            for n in student_grids(dc)}
+
+
 def student_grids(dc) -> dict[int, tuple[float, ...]]:
     """Timesteps for each evaluated step count: evenly thinned from the trained grid (4 -> 2 -> 1 steps
     gives {999, 749, 499, 249} -> {999, 499} -> {999}, the paper's grids)."""
-    trained = tuple(float(t) for t in dc.student_timesteps)
     grids = {}
     for n in dc.eval_steps:
-        if n > len(trained) or len(trained) % n:
-            raise ValueError(f"distill.eval_steps: {n} steps cannot be taken from the trained grid {trained}")
-        grids[n] = trained[:: len(trained) // n]
+        try:
+            grids[n] = thin_grid(dc.student_timesteps, n)
+        except ValueError as e:
+            raise ValueError(f"distill.eval_steps: {n} steps cannot be taken from the trained grid: {e}") from None
     return grids
 
 
@@ -171,8 +184,7 @@ def run(config, workdir: str) -> str:
     write_model_folder(out, {
         "dit": student_dit(config, folder).to_dict(),
         "diffusion": diffusion,
-        "student": {"timesteps": list(dc.student_timesteps), "sigma_data": dc.sigma_data,
-                    "timestep_scale": dc.timestep_scale, "eval_steps": list(dc.eval_steps)},
+        "student": student_section(dc),
         "source": {"format": "dollar-jax-student", "teacher": folder, "steps": int(state.step), "weights": dc.export,
                    "vsd_weight": dc.vsd_weight, "cd_weight": dc.cd_weight},
         **conditioning_sections(config, workdir, check_dataset_fits(config, paths.data, student_dit(config, folder))[0]),
