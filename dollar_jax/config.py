@@ -120,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
         student_ema_decay=0.95,  # the CD target network
         sigma_data=0.5, timestep_scale=10.0,  # LCM boundary scalings
         export="raw",  # export the raw student ("raw") or its EMA ("ema")
+        # Rows per caption in a batch: K > 1 repeats each example (latents, text, caption) K times in
+        # consecutive rows, so the step can measure one prompt's spread of samples (train/health.py).
+        # The batch then holds batch_size / K distinct examples.
+        repeat_captions=1,
         eval_steps=(1, 2, 4),  # step counts evaluated and reported for the student
     ))
     # Latent reward fine-tuning (DOLLAR's LRM), part of the distillation step when enabled.
@@ -139,6 +143,17 @@ def base_config() -> ml_collections.ConfigDict:
         label_window=64,  # ... and > s - lag - window
         ft_microbatches=1,  # gradient accumulation for the L_FT generator step
         eval_examples=64,  # held-out latents for the LRM-vs-true-reward correlation
+    ))
+
+    # Training health (dollar_jax/train/health.py): alarm flags in the distillation metrics, and a warning in the
+    # log when an alarm is raised on at least warn_fraction of a log window's steps.
+    c.health = ml_collections.ConfigDict(dict(
+        collapse_fraction=0.25,  # diversity (across the batch or within a prompt) below this x the data's
+        static_fraction=0.25,  # motion below this x the data's
+        saturation_sigmas=4.0,  # "saturated": farther than this many data stds from the channel mean ...
+        saturation_excess=0.02,  # ... alarm when the samples have this fraction more such values than the data
+        mean_drift_sigmas=0.5,  # alarm when a channel's sample mean is this many data stds off the data's
+        warn_fraction=0.5,
     ))
 
     # Sampling (periodic samples, evaluation, `dollar_jax.sample`).
@@ -204,6 +219,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for stage in ("autoencoder", "world_encoder", "teacher", "distill"):
         if config[stage].batch_size <= 0 or config[stage].steps <= 0:
             raise ValueError(f"config.{stage}.batch_size and config.{stage}.steps must be positive")
+    k = config.distill.repeat_captions
+    if k < 1 or config.distill.batch_size % k:
+        raise ValueError(f"config.distill.repeat_captions={k} must be >= 1 and divide "
+                         f"config.distill.batch_size={config.distill.batch_size}")
 
 
 def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:

@@ -22,10 +22,12 @@ from dollar_jax.data.text import text_encoder
 from dollar_jax.data.world import world_config
 from dollar_jax.eval import video_io, world_eval
 from dollar_jax.eval.generate import make_generate, student_sampler, thin_grid
+from dollar_jax.eval.statistics import pixel_saturation
 from dollar_jax.jobs.common import conditioning_sections
 from dollar_jax.parallel.sharding import replicated
 from dollar_jax.paths import Paths
 from dollar_jax.train.dollar_step import build_step, step_flops
+from dollar_jax.train.health import warn_on_alarms
 from dollar_jax.train.loop import Job, train
 from dollar_jax.train.state import TrainState
 
@@ -72,9 +74,11 @@ def make_job(config, workdir: str) -> Job:
     job = Job(
         name=dc.name, roles=step.roles, abstract_params=lambda: step.abstract_params,
         initial_params=initial_params, train_step=step.train_step,
-        dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_and_caption),
+        dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_and_caption,
+                              repeat_rows=dc.repeat_captions),
         total_steps=dc.steps, learning_rate=step.learning_rate, frozen=frozen,
         flops_per_step=step_flops(config, dit, latent_shape, text_shape, reward),
+        on_metrics=lambda step, means: warn_on_alarms(step, means, config.health),
     )
     if reward is not None:
         reward.start_labeller(config, paths.autoencoder)
@@ -114,6 +118,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
                 video_io.write_gif(os.path.join(paths.run(dc.name), "samples", f"step_{step:06d}_{n}step.gif"),
                                    video_io.grid(videos, upscale=2), fps=config.sampling.fps)
             out.update({f"{k}_{n}step": v for k, v in world_eval.score(videos, factors, wcfg).items()})
+            out[f"pixel_saturation_{n}step"] = float(pixel_saturation(videos))  # share of pixels at 0 or 255
             if reward is not None:
                 out[f"true_reward_{n}step"] = float(np.mean(reward_fn(videos, captions)))
                 held_out = (latents, text, captions)

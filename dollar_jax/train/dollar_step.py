@@ -22,7 +22,6 @@ from flax import nnx
 from dollar_jax.diffusion.consistency import consistency_denoiser
 from dollar_jax.diffusion.samplers import make_denoiser
 from dollar_jax.diffusion.student import training_sample
-from dollar_jax.eval.statistics import sample_statistics
 from dollar_jax.losses.consistency import consistency_loss, ddim_teacher_solve
 from dollar_jax.losses.denoising import denoising_loss
 from dollar_jax.losses.vsd import vsd_loss
@@ -30,6 +29,7 @@ from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.models.layers import abstract
 from dollar_jax.train.flops import distill_step_flops
+from dollar_jax.train.health import health_metrics
 from dollar_jax.train.loop import scalar_metrics
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.reward_step import make_reward_part
@@ -88,7 +88,7 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
             terms, aux = {}, {"x": jax.lax.stop_gradient(x)}
             if dc.vsd_weight:
                 terms["loss_vsd"], vsd_aux = vsd_loss(x, real, fake, k_vsd, schedule, t_min, t_max)
-                aux["vsd_grad_abs"] = vsd_aux["vsd_grad_abs"]
+                aux.update({k: v for k, v in vsd_aux.items() if k != "t"})  # VSD's health scalars
             if dc.cd_weight:
                 cd_teacher = make_denoiser(teacher, schedule, prediction_type, text, null, dc.cd_guidance,
                                            dc.cd_convention)
@@ -125,7 +125,7 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
         metrics = dict(loss_generator=gen_loss, loss_fake=jnp.mean(fake_losses), grad_norm_student=g_student,
                        grad_norm_fake=jnp.mean(fake_norms), **terms,
                        **{k: v for k, v in aux.items() if k != "x"},
-                       **sample_statistics(samples, "sample"), **sample_statistics(data, "data"))
+                       **health_metrics(samples, data, config.health, dc.repeat_captions))  # train/health.py
 
         if reward is not None:  # the LRM learns the labelled rewards; then the student climbs the LRM
             params["lrm"], opt_states["lrm"], lrm_metrics, lrm_finite = reward.lrm_update(
