@@ -139,3 +139,18 @@ def test_quiet_on_world_latents_and_in_the_distillation_metrics(world_run, tmp_p
     for key in (*ALARMS, "sample_diversity_within", "sample_saturation", "sample_mean_drift", "vsd_normaliser",
                 "x0_real_mean", "x0_fake_std"):
         assert key in row and np.isfinite(row[key]), key
+
+
+def test_report_tabulates_the_share_of_steps_alarmed(tmp_path):
+    import json
+
+    from dollar_jax.eval.report import health_section
+
+    rows = [dict(step=s, alarm_collapse=float(s > 6), alarm_static=0.0, alarm_saturation=0.5, alarm_mean_drift=0.0,
+                 sample_diversity=0.1, data_diversity=0.4, sample_motion=0.2, data_motion=0.2) for s in range(1, 9)]
+    (tmp_path / "vsd").mkdir()
+    with open(tmp_path / "vsd" / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    lines = health_section({"teacher": str(tmp_path / "teacher"), "VSD": str(tmp_path / "vsd")})
+    assert "| VSD | 0.25 / 1.00 | 0.00 / 0.00 | 0.50 / 0.50 | 0.00 / 0.00 | 0.25 | 1.00 |" in lines
+    assert not any(line.startswith("| teacher") for line in lines)
