@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
         student_ema_decay=0.95,  # the CD target network
         sigma_data=0.5, timestep_scale=10.0,  # LCM boundary scalings
         export="raw",  # export the raw student ("raw") or its EMA ("ema")
+        # Rows per caption in a batch: K > 1 repeats each example (latents, text, caption) K times in
+        # consecutive rows, so the step can measure one prompt's spread of samples (train/health.py).
+        # The batch then holds batch_size / K distinct examples.
+        repeat_captions=1,
         eval_steps=(1, 2, 4),  # step counts evaluated and reported for the student
     ))
     # Latent reward fine-tuning (DOLLAR's LRM), part of the distillation step when enabled.
@@ -145,7 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
         decoder="world_autoencoder",  # how the labeller decodes latents: "world_autoencoder" | "wan_vae"
         vae_path="",  # diffusers AutoencoderKLWan folder for decoder="wan_vae"
         weight=1.0,  # beta_FT; 0 trains the LRM but leaves the student exactly as plain distillation
-        lrm_kind="frame", lrm_width=128, lrm_first_stride=4,  # kind: "frame" | "frame_text" | "video3d"
+        # kind: "paper_image" | "paper_text" (the paper's Table 8.1 layouts: 189,441 / 763,009 parameters at
+        # 16 latent channels and 4096-d text) | "frame" | "frame_text" | "video3d" (this project's variants)
+        lrm_kind="frame", lrm_width=128, lrm_first_stride=4,
         lrm_optim=optimizer(learning_rate=1e-3, warmup_steps=0, decay="constant"),
         lrm_batch_size=32,
         # step s trains on labels of steps <= s - lag (the labeller overlaps with the step); >= 2, since a step's
@@ -163,6 +169,17 @@ def base_config() -> ml_collections.ConfigDict:
         # this value (a host-side gate, checked every sampling.every_steps; needs the embedded world's evaluator).
         ft_min_correlation=-1.0,
         eval_examples=64,  # held-out latents for the LRM-vs-true-reward correlation
+    ))
+
+    # Training health (dollar_jax/train/health.py): alarm flags in the distillation metrics, and a warning in the
+    # log when an alarm is raised on at least warn_fraction of a log window's steps.
+    c.health = ml_collections.ConfigDict(dict(
+        collapse_fraction=0.25,  # diversity (across the batch or within a prompt) below this x the data's
+        static_fraction=0.25,  # motion below this x the data's
+        saturation_sigmas=4.0,  # "saturated": farther than this many data stds from the channel mean ...
+        saturation_excess=0.02,  # ... alarm when the samples have this fraction more such values than the data
+        mean_drift_sigmas=0.5,  # alarm when a channel's sample mean is this many data stds off the data's
+        warn_fraction=0.5,
     ))
 
     # Sampling (periodic samples, evaluation, `dollar_jax.sample`).
@@ -228,6 +245,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for stage in ("autoencoder", "world_encoder", "teacher", "distill"):
         if config[stage].batch_size <= 0 or config[stage].steps <= 0:
             raise ValueError(f"config.{stage}.batch_size and config.{stage}.steps must be positive")
+    k = config.distill.repeat_captions
+    if k < 1 or config.distill.batch_size % k:
+        raise ValueError(f"config.distill.repeat_captions={k} must be >= 1 and divide "
+                         f"config.distill.batch_size={config.distill.batch_size}")
 
 
 def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:

@@ -36,21 +36,11 @@ flags.mark_flags_as_required(["model", "out"])
 
 def sampler_for(blob: dict, schedule, steps: int | None, guidance: float, convention: str):
     """(SamplerSpec, description) for a teacher or student folder's config.json."""
-    from dollar_jax.eval.generate import student_spec, teacher_spec
+    from dollar_jax.eval.generate import student_sampler, teacher_spec
 
-    if "student" in blob:
-        trained = [float(t) for t in blob["student"]["timesteps"]]
-        n = steps or len(trained)
-        grids = {len(g): [float(t) for t in g] for g in blob["student"].get("grids", [trained])}
-        if len(grids) > 1:  # trained on several grids at once: exactly those step counts
-            if n not in grids:
-                raise ValueError(f"This student was trained on the grids {sorted(grids.values(), key=len)}; it "
-                                 f"samples in {sorted(grids)} steps, not {n}")
-            return student_spec(grids[n]), f"student, {n} step(s)"
-        if n > len(trained) or len(trained) % n:
-            raise ValueError(f"This student was trained on {trained}; it samples in a divisor of "
-                             f"{len(trained)} steps, not {n}")
-        return student_spec(trained[:: len(trained) // n]), f"student, {n} step(s)"
+    if "student" in blob:  # the grid and consistency scalings the student was trained with
+        spec = student_sampler(blob["student"], steps)
+        return spec, f"student, {len(spec.timesteps)} step(s)"
     n = steps or 50
     return teacher_spec(schedule, n, guidance, convention), f"teacher, {n} steps, CFG {guidance} ({convention})"
 

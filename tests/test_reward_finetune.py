@@ -124,7 +124,8 @@ def test_finetuning_through_the_lrm_raises_the_true_reward(world_run, tmp_path):
 
 def _evaluate(folder, config, workdir):
     from dollar_jax.checkpoint import load_dit
-    from dollar_jax.eval.generate import make_generate, student_spec
+    from dollar_jax.checkpoint import read_model_folder_config
+    from dollar_jax.eval.generate import make_generate, student_sampler
     from dollar_jax.data.text import text_encoder
 
     paths, wcfg = Paths.of(config, workdir), world_config(config)
@@ -133,7 +134,7 @@ def _evaluate(folder, config, workdir):
     encoder = text_encoder(config)
     factors, captions, text = world_eval.prompt_batch(wcfg, encoder, 48, seed=5)
     generate = make_generate(lambda p: nnx.merge(graphdef, p), schedule, prediction_type,
-                             student_spec(config.distill.student_timesteps))
+                             student_sampler(read_model_folder_config(folder, "student")[0]))
     latents = np.asarray(generate(params, jax.random.normal(jax.random.key(0), (48, 4, 8, 8, 16)),
                                   jnp.asarray(text), jnp.asarray(np.broadcast_to(encoder.null(), text.shape)),
                                   jax.random.key(1)))

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from dollar_jax.data import world
-from dollar_jax.models.reward_models import LRM_KINDS, LatentRewardModel, LRMConfig, parameter_count
+from dollar_jax.models.reward_models import (LRM_KINDS, PAPER_KINDS, LatentRewardModel, LRMConfig, make_lrm,
+                                             parameter_count)
 from dollar_jax.rewards import make_reward, registered
 from dollar_jax.rewards.labeller import Labeller
 
@@ -101,16 +102,19 @@ def test_labeller_reports_a_failing_reward():
 
 def test_lrm_variants_shapes_and_the_papers_layout():
     for kind in LRM_KINDS:
-        m = LatentRewardModel(LRMConfig(kind=kind, latent_channels=16), rngs=nnx.Rngs(0))
-        out = m(jnp.ones((3, 4, 8, 8, 16)), jnp.ones((3, 8, 32)))
-        assert out.shape == (3,)
-    # The paper's image LRM on 4-channel latents, as described, has 173,057 parameters (the paper reports
-    # 189,441: one undescribed bias-free 128x128 layer more).
+        graphdef, state = nnx.split(make_lrm(LRMConfig(kind=kind, latent_channels=16, first_stride=2),
+                                             rngs=nnx.Rngs(0)))
+        out = jax.jit(lambda s, z, t: nnx.merge(graphdef, s)(z, t))(state, jnp.ones((3, 4, 8, 8, 16)),
+                                                                  jnp.ones((3, 8, 32)))
+        assert out.shape == (3,) and bool(jnp.all(jnp.isfinite(out)))
+    # The project's dense-1x1 "frame" variant on 4-channel latents: 173,057 parameters.
     m = LatentRewardModel(LRMConfig(kind="frame", latent_channels=4), rngs=nnx.Rngs(0))
     assert parameter_count(m) == 173_057
     # Frames are scored independently and averaged: permuting frames leaves the score unchanged.
     z = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 4))
-    np.testing.assert_allclose(m(z), m(z[:, ::-1]), rtol=1e-5)
+    graphdef, state = nnx.split(m)
+    both = jax.jit(lambda s, z: (nnx.merge(graphdef, s)(z), nnx.merge(graphdef, s)(z[:, ::-1])))(state, z)
+    np.testing.assert_allclose(*both, rtol=1e-5)
 
 
 def test_clip_preference_adapter_on_a_tiny_local_model(tmp_path):
@@ -146,3 +150,41 @@ def test_clip_preference_adapter_on_a_tiny_local_model(tmp_path):
     assert not np.allclose(other, scores)  # the prompt matters
     with pytest.raises(FileNotFoundError):
         make_reward("clip_preference", path=str(tmp_path / "missing"))
+
+
+def test_paper_lrm_parameter_counts_are_the_papers_table():
+    """Table 8.1 of the paper: 189,441 (image) and 763,009 (text-conditioned) at C = 16, D = 4096."""
+    image = make_lrm(LRMConfig(kind="paper_image", latent_channels=16), rngs=nnx.Rngs(0))
+    text = make_lrm(LRMConfig(kind="paper_text", latent_channels=16, text_dim=4096), rngs=nnx.Rngs(0))
+    assert parameter_count(image) == 189_441
+    assert parameter_count(text) == 763_009
+    # The decomposition (module docstring): the text model adds exactly the text linear and Wq, Wk, Wv.
+    assert parameter_count(text) - parameter_count(image) == 4096 * 128 + 128 + 3 * 128 * 128
+    with pytest.raises(ValueError, match="make_lrm"):
+        LatentRewardModel(LRMConfig(kind="paper_image"), rngs=nnx.Rngs(0))
+
+
+def test_paper_lrms_score_frames_independently_and_read_the_text():
+    z = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 16))
+    text = jax.random.normal(jax.random.key(1), (2, 5, 24)).at[:, 3:].set(0.0)  # 2 padding tokens
+    for kind in PAPER_KINDS:
+        graphdef, state = nnx.split(make_lrm(LRMConfig(kind=kind, latent_channels=16, text_dim=24, first_stride=2),
+                                             rngs=nnx.Rngs(0)))
+
+        @jax.jit
+        def scores(state, z, text):
+            m = nnx.merge(graphdef, state)
+            frames = m(z.reshape(6, 1, *z.shape[2:]), jnp.repeat(text, 3, axis=0)).reshape(2, 3)
+            padded = jnp.concatenate([text, jnp.zeros((2, 4, 24))], axis=1)
+            return dict(score=m(z, text), reversed=m(z[:, ::-1], text), frames=frames, padded=m(z, padded),
+                        other_text=m(z, text.at[:, :3].multiply(-1.0)))
+
+        s = scores(state, z, text)
+        np.testing.assert_allclose(s["score"], s["reversed"], rtol=1e-5)  # frames scored independently ...
+        np.testing.assert_allclose(s["score"], s["frames"].mean(axis=1), rtol=1e-5, atol=1e-6)  # ... and averaged
+        # Padding tokens are masked (more padding, same score); the real tokens change the text model's score.
+        np.testing.assert_allclose(s["score"], s["padded"], rtol=1e-5, atol=1e-6)
+        if kind == "paper_text":
+            assert float(jnp.max(jnp.abs(s["other_text"] - s["score"]))) > 1e-4
+        else:
+            np.testing.assert_allclose(s["other_text"], s["score"], rtol=1e-6)

@@ -112,7 +112,7 @@ def test_a_multi_grid_student_samples_only_the_step_counts_it_trained():
     from dollar_jax.sample import sampler_for
 
     grids = [[999.0, 749.0, 499.0, 249.0], [999.0, 499.0], [999.0]]
-    blob = {"student": {"timesteps": grids[0], "grids": grids}}
+    blob = {"student": {"timesteps": grids[0], "grids": grids, "sigma_data": 0.5, "timestep_scale": 10.0}}
     for n, grid in ((4, grids[0]), (2, grids[1]), (1, grids[2])):
         assert list(sampler_for(blob, VPSchedule(), n, 0.0, "uncond_anchor")[0].timesteps) == grid
     with pytest.raises(ValueError, match=r"samples in \[1, 2, 4\] steps, not 3"):

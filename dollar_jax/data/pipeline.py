@@ -42,15 +42,26 @@ class _HostRows:
         return self.shuffled[batch * self.global_batch + self.process * self.host_batch + row]
 
 
-def train_dataset(source, global_batch: int, seed: int, map_fn: Callable | None = None) -> grain.IterDataset:
-    """Shuffled, repeated forever (reshuffled every epoch), this host's rows of each global batch, batched."""
+def train_dataset(source, global_batch: int, seed: int, map_fn: Callable | None = None,
+                  repeat_rows: int = 1) -> grain.IterDataset:
+    """Shuffled, repeated forever (reshuffled every epoch), this host's rows of each global batch, batched.
+
+    repeat_rows = K > 1: every example fills K consecutive rows (groups of K rows share latents, text and
+    caption; the batch holds global_batch / K distinct examples), for within-prompt statistics.
+    """
+    if repeat_rows < 1 or global_batch % repeat_rows or host_batch_size(global_batch) % repeat_rows:
+        raise ValueError(f"Repeating each example {repeat_rows} times needs a per-host batch divisible by it "
+                         f"(global batch {global_batch}, {jax.process_count()} processes)")
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    host_batch = host_batch_size(global_batch)
+    host_batch = host_batch_size(global_batch) // repeat_rows
     if jax.process_count() > 1:
-        ds = grain.MapDataset.source(_HostRows(ds, global_batch, host_batch, jax.process_index()))
+        ds = grain.MapDataset.source(_HostRows(ds, global_batch // repeat_rows, host_batch, jax.process_index()))
     if map_fn is not None:
         ds = ds.map(map_fn)
-    return ds.batch(host_batch, drop_remainder=True).to_iter_dataset()
+    ds = ds.batch(host_batch, drop_remainder=True)
+    if repeat_rows > 1:
+        ds = ds.map(lambda batch: {k: np.repeat(v, repeat_rows, axis=0) for k, v in batch.items()})
+    return ds.to_iter_dataset()
 
 
 def eval_batches(source, batch_size: int, limit: int | None = None, map_fn: Callable | None = None):

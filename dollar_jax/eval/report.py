@@ -147,6 +147,7 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
                                os.path.join(out_dir, "reward.png"),
                                ["loss_lrm", "loss_ft", "true_reward_4step", "lrm_true_correlation"], "latent reward"),
     }
+    lines += health_section(runs)
     lines += ["## Training curves", ""]
     lines += [f"![{k}]({os.path.relpath(os.path.join(workdir, v), out_dir)})" for k, v in curves.items() if v]
     lines += ["", "## Samples (one per prompt, first frame row to last: open the GIF/MP4)", ""]
@@ -165,4 +166,26 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
     return path
 
 
-__all__ = ["claims", "write_report"]
+def health_section(runs: dict[str, str]) -> list[str]:
+    """Markdown: per distillation run, the share of steps each health alarm was raised on (whole run / last
+    quarter) and the last logged sample-to-data ratios (dollar_jax/train/health.py)."""
+    from dollar_jax.train.health import ALARMS
+
+    lines = ["## Training health (share of steps alarmed: whole run / last quarter)", "",
+             "| run | " + " | ".join(a.removeprefix("alarm_") for a in ALARMS)
+             + " | diversity / data's | motion / data's |", "|---|" + "---|" * (len(ALARMS) + 2)]
+    found = False
+    for name, run in runs.items():
+        rows = [r for r in read_metrics(run) if "alarm_collapse" in r]
+        if not rows:
+            continue
+        found = True
+        tail = rows[len(rows) - max(1, len(rows) // 4):]
+        shares = [f"{np.mean([r[a] for r in rows]):.2f} / {np.mean([r[a] for r in tail]):.2f}" for a in ALARMS]
+        last = rows[-1]
+        ratio = lambda k: last[f"sample_{k}"] / max(last[f"data_{k}"], 1e-12)
+        lines.append(f"| {name} | " + " | ".join(shares) + f" | {ratio('diversity'):.2f} | {ratio('motion'):.2f} |")
+    return lines + [""] if found else []
+
+
+__all__ = ["claims", "health_section", "write_report"]

@@ -23,7 +23,7 @@ from dollar_jax.data.text import text_encoder
 from dollar_jax.data.world import world_config
 from dollar_jax.eval import video_io, world_eval
 from dollar_jax.eval.diversity import frechet_distance, vendi_score
-from dollar_jax.eval.generate import SamplerSpec, make_generate, student_spec, teacher_spec
+from dollar_jax.eval.generate import SamplerSpec, make_generate, student_sampler, teacher_spec
 from dollar_jax.paths import Paths
 from dollar_jax.rewards import make_reward
 
@@ -44,8 +44,7 @@ def entries_for(folder: str, label: str, steps, guidance: float, convention: str
     if "student" not in blob:
         return [Entry(f"{label} ({steps[0]} steps, CFG {guidance})", label, folder,
                       teacher_spec(schedule, steps[0], guidance, convention))]
-    trained = [float(t) for t in blob["student"]["timesteps"]]
-    return [Entry(f"{label} ({n} step{'s' * (n > 1)})", label, folder, student_spec(trained[:: len(trained) // n]))
+    return [Entry(f"{label} ({n} step{'s' * (n > 1)})", label, folder, student_sampler(blob["student"], n))
             for n in steps]
 
 

@@ -22,11 +22,13 @@ from dollar_jax.data.text import text_encoder
 from dollar_jax.data.world import world_config
 from dollar_jax.diffusion.student import student_grids as warped_student_grids
 from dollar_jax.eval import video_io, world_eval
-from dollar_jax.eval.generate import make_generate, student_spec
+from dollar_jax.eval.generate import make_generate, student_grid, student_sampler
+from dollar_jax.train.statistics import pixel_saturation
 from dollar_jax.jobs.common import conditioning_sections
 from dollar_jax.parallel.sharding import replicated
 from dollar_jax.paths import Paths
 from dollar_jax.train.dollar_step import build_step, step_flops
+from dollar_jax.train.health import warn_on_alarms
 from dollar_jax.train.loop import Job, train
 from dollar_jax.train.state import TrainState
 
@@ -73,10 +75,12 @@ def make_job(config, workdir: str) -> Job:
     job = Job(
         name=dc.name, roles=step.roles, abstract_params=lambda: step.abstract_params,
         initial_params=initial_params, train_step=step.train_step,
-        dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_and_caption),
+        dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_and_caption,
+                              repeat_rows=dc.repeat_captions),
         # No single learning rate: the step logs the one each optimiser used (lr_student, lr_fake, lr_ft, ...).
         total_steps=dc.steps, learning_rate=None, frozen=frozen,
         flops_per_step=step_flops(config, dit, latent_shape, text_shape, reward),
+        on_metrics=lambda step, means: warn_on_alarms(step, means, config.health),
     )
     if reward is not None:
         reward.start_labeller(config, paths.autoencoder)
@@ -116,8 +120,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     factors, captions, text = world_eval.prompt_batch(wcfg, encoder, config.sampling.num_videos)
     null = np.broadcast_to(encoder.null(), text.shape)
     noise = jax.random.normal(jax.random.key(7), (len(text), *latent_shape))
-    generators = {n: make_generate(role.module, schedule, prediction_type, student_spec(grid))
-                  for n, grid in student_grids(dc, schedule).items()}
+    generators = student_generators(dc, role, schedule, prediction_type)
 
     def on_sample(state: TrainState, step: int) -> dict:
         params = state.params["student"] if dc.export == "raw" else state.ema["student"]
@@ -129,6 +132,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
                 video_io.write_gif(os.path.join(paths.run(dc.name), "samples", f"step_{step:06d}_{n}step.gif"),
                                    video_io.grid(videos, upscale=2), fps=config.sampling.fps)
             out.update({f"{k}_{n}step": v for k, v in world_eval.score(videos, factors, wcfg).items()})
+            out[f"pixel_saturation_{n}step"] = float(pixel_saturation(videos))  # share of pixels at 0 or 255
             if reward is not None:
                 out[f"true_reward_{n}step"] = float(np.mean(reward_fn(videos, captions)))
                 held_out = (latents, text, captions)
@@ -159,34 +163,49 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     return on_sample
 
 
+def trained_grids(dc, schedule=None) -> tuple[tuple[float, ...], ...]:
+    """The grids the student trains on (distill.student_grids, else distill.student_timesteps), longest first,
+    in model timesteps: through the schedule's warp (the flow shift) when `schedule` is given, as training does."""
+    nominal = tuple(dc.student_grids) or (tuple(dc.student_timesteps),)
+    if schedule is not None:
+        grids = warped_student_grids(nominal, schedule).grids
+    else:
+        grids = tuple(tuple(float(t) for t in g) for g in nominal)
+    return tuple(sorted(grids, key=len, reverse=True))
+
+
+def student_section(dc, schedule=None) -> dict:
+    """The student folder's "student" section: what samplers read to sample it as it was trained."""
+    grids = [list(g) for g in trained_grids(dc, schedule)]
+    return {"timesteps": grids[0], "grids": grids, "sigma_data": float(dc.sigma_data),
+            "timestep_scale": float(dc.timestep_scale), "eval_steps": [int(n) for n in dc.eval_steps]}
+
+
+def student_generators(dc, role, schedule, prediction_type) -> dict:
+    """{steps: jitted generate} for config.distill.eval_steps, built from the same section the exported folder
+    carries, so the in-training samples are those `dollar_jax.sample` draws from the export."""
+    section = student_section(dc, schedule)
+    return {n: make_generate(role.module, schedule, prediction_type, student_sampler(section, n))
+            for n in student_grids(dc, schedule)}
+
+
 def student_grids(dc, schedule=None) -> dict[int, tuple[float, ...]]:
-    """Model timesteps for each evaluated step count. Trained on several grids (distill.student_grids): exactly
+    """Timesteps for each evaluated step count. Trained on several grids (distill.student_grids): exactly
     those, and a step count without a trained grid is an error. Trained on one grid: evenly thinned from it
-    (4 -> 2 -> 1 steps gives {999, 749, 499, 249} -> {999, 499} -> {999}, the paper's grids). Both go through
-    the schedule's warp (the flow shift) when `schedule` is given, as training did."""
-    warp = (lambda g: tuple(float(t) for t in np.asarray(schedule.warp_timesteps(np.asarray(g, np.float64)),
-                                                         np.float32))) if schedule is not None else tuple
-    if dc.student_grids:
-        trained = {len(g): tuple(float(t) for t in g) for g in dc.student_grids}
-        missing = [n for n in dc.eval_steps if n not in trained]
+    (4 -> 2 -> 1 steps gives {999, 749, 499, 249} -> {999, 499} -> {999}, the paper's grids)."""
+    grids = trained_grids(dc, schedule)
+    if len(grids) > 1:
+        missing = [n for n in dc.eval_steps if n not in {len(g) for g in grids}]
         if missing:
             raise ValueError(f"distill.eval_steps: {missing} steps were not trained (distill.student_grids "
-                             f"has {sorted(trained)} steps)")
-        return {n: warp(trained[n]) for n in dc.eval_steps}
-    trained = tuple(float(t) for t in dc.student_timesteps)
-    grids = {}
+                             f"has {sorted(len(g) for g in grids)} steps)")
+    out = {}
     for n in dc.eval_steps:
-        if n > len(trained) or len(trained) % n:
-            raise ValueError(f"distill.eval_steps: {n} steps cannot be taken from the trained grid {trained}")
-        grids[n] = warp(trained[:: len(trained) // n])
-    return grids
-
-
-def job_grids(config, schedule) -> tuple[tuple[float, ...], ...]:
-    """The model-timestep grids the student trains on, longest first."""
-    dc = config.distill
-    grids = warped_student_grids(tuple(dc.student_grids) or tuple(dc.student_timesteps), schedule).grids
-    return tuple(sorted(grids, key=len, reverse=True))
+        try:
+            out[n] = student_grid(grids, n)
+        except ValueError as e:
+            raise ValueError(f"distill.eval_steps: {n} steps cannot be taken from the trained grid: {e}") from None
+    return out
 
 
 def run(config, workdir: str) -> str:
@@ -201,13 +220,10 @@ def run(config, workdir: str) -> str:
     _, _, diffusion = teacher_parameterisation(folder)
     params = state.params["student"] if dc.export == "raw" else state.ema["student"]
     schedule, _, _ = teacher_parameterisation(folder)
-    trained = [list(g) for g in job_grids(config, schedule)]
     write_model_folder(out, {
         "dit": student_dit(config, folder).to_dict(),
         "diffusion": diffusion,
-        # Model timesteps as trained (after the schedule's warp); "grids": every grid it was trained on.
-        "student": {"timesteps": trained[0], "grids": trained, "sigma_data": dc.sigma_data,
-                    "timestep_scale": dc.timestep_scale, "eval_steps": list(dc.eval_steps)},
+        "student": student_section(dc, schedule),
         "source": {"format": "dollar-jax-student", "teacher": folder, "steps": int(state.step), "weights": dc.export,
                    "vsd_weight": dc.vsd_weight, "cd_weight": dc.cd_weight},
         **conditioning_sections(config, workdir, check_dataset_fits(config, paths.data, student_dit(config, folder))[0]),

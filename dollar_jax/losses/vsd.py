@@ -42,4 +42,13 @@ def vsd_loss(x: jax.Array, real: Denoiser, fake: Denoiser, rng: jax.Array, sched
     x0_real, _ = real(x_t, t)
     x0_fake, _ = fake(x_t, t)
     grad = jax.lax.stop_gradient(vsd_gradient(x_sg, x0_real, x0_fake))
-    return vsd_surrogate(x.astype(jnp.float32), grad), {"vsd_grad_abs": jnp.mean(jnp.abs(grad)), "t": t}
+    return vsd_surrogate(x.astype(jnp.float32), grad), {"t": t, **vsd_statistics(x_sg, x0_real, x0_fake, grad)}
+
+
+def vsd_statistics(x, x0_real, x0_fake, grad) -> dict:
+    """Scalars that show what VSD is doing: the denoisers' predictions and DMD2's normaliser
+    mean|x - x0_real| (a normaliser shrinking towards 0 while |x0_fake - x0_real| does not is a blow-up)."""
+    return {"vsd_grad_abs": jnp.mean(jnp.abs(grad)), "vsd_normaliser": jnp.mean(jnp.abs(x - x0_real)),
+            "vsd_real_fake_gap": jnp.mean(jnp.abs(x0_fake - x0_real)),
+            "x0_real_mean": jnp.mean(x0_real), "x0_real_std": jnp.std(x0_real),
+            "x0_fake_mean": jnp.mean(x0_fake), "x0_fake_std": jnp.std(x0_fake)}

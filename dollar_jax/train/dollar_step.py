@@ -25,7 +25,6 @@ from flax import nnx
 from dollar_jax.diffusion.consistency import consistency_denoiser
 from dollar_jax.diffusion.samplers import make_denoiser
 from dollar_jax.diffusion.student import GRID_SAMPLING, StudentGrids, student_grids, training_sample
-from dollar_jax.eval.statistics import sample_statistics
 from dollar_jax.losses.consistency import consistency_loss, ddim_teacher_solve
 from dollar_jax.losses.denoising import denoising_loss
 from dollar_jax.losses.vsd import vsd_loss
@@ -33,6 +32,7 @@ from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.models.layers import abstract
 from dollar_jax.train.flops import distill_step_flops
+from dollar_jax.train.health import health_metrics
 from dollar_jax.train.loop import scalar_metrics
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.reward_step import make_reward_part
@@ -125,7 +125,7 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
                                        schedule, k_sample, dc.sample_mode, data, per_example)
                 aux["x"] = jax.lax.stop_gradient(x)
                 terms["loss_vsd"], vsd_aux = vsd_loss(x, real, fake, k_vsd, schedule, t_min, t_max)
-                aux["vsd_grad_abs"] = vsd_aux["vsd_grad_abs"]
+                aux.update({k: v for k, v in vsd_aux.items() if k != "t"})  # VSD's health scalars
             if dc.cd_weight:
                 cd_teacher = make_denoiser(teacher, schedule, prediction_type, text, null, dc.cd_guidance,
                                            dc.cd_convention)
@@ -144,7 +144,7 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
         opt_states = dict(state.opt_state, student=student_opt_state)
         finite = all_finite(gen_loss, grads)
         metrics = dict(loss_generator=gen_loss, grad_norm_student=g_student, lr_student=lr_student, **terms,
-                       **{k: v for k, v in aux.items() if k != "x"}, **sample_statistics(data, "data"),
+                       **{k: v for k, v in aux.items() if k != "x"},
                        fake_score_updates=dc.fake_updates if use_vsd else 0)
         outputs = {}
 
@@ -175,7 +175,8 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
                              jax.random.split(k_fake, dc.fake_updates))
             finite &= jnp.all(fake_finite)
             metrics.update(loss_fake=jnp.mean(fake_losses), grad_norm_fake=jnp.mean(fake_norms),
-                           lr_fake=jnp.mean(fake_lrs), **sample_statistics(aux["x"], "sample"))
+                           lr_fake=jnp.mean(fake_lrs),
+                           **health_metrics(aux["x"], data, config.health, dc.repeat_captions))  # train/health.py
             if expose_fake_samples:
                 outputs["fake_samples"] = fake_x
 

@@ -59,6 +59,8 @@ class Job:
     close: Callable[[], None] | None = None
     # Analytic FLOPs of one step per role (train/flops.py): logged as TFLOP/s per device and MFU per role.
     flops_per_step: Mapping[str, float] | None = None
+    # Called with (step, the window's mean metrics) each time the loop logs them (e.g. health warnings).
+    on_metrics: Callable[[int, dict], Any] | None = None
 
 
 def jit_train_step(train_step: Callable, state_shardings, frozen_shardings, batch_shardings):
@@ -172,6 +174,8 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                 if mark is not None:
                     mark = (s, now)
                 writer.write_scalars(s, means)
+                if job.on_metrics is not None:
+                    job.on_metrics(s, means)
                 window = []
 
     try:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from dollar_jax.data.pipeline import host_batch_size
 from dollar_jax.losses.reward import lrm_regression_loss, reward_finetune_loss
-from dollar_jax.models.reward_models import LatentRewardModel, LRMConfig
+from dollar_jax.models.reward_models import LRMConfig, make_lrm
 from dollar_jax.rewards import reward_from_config
 from dollar_jax.rewards.decoders import make_decoder
 from dollar_jax.rewards.labeller import Labeller
@@ -196,7 +196,7 @@ def make_reward_part(config, latent_shape, text_shape) -> RewardPart:
     r = config.reward
     cfg = lrm_config(config, latent_shape[-1], text_shape[-1])
     optimizer, _ = make_optimizer(r.lrm_optim, config.distill.steps)
-    make = lambda: LatentRewardModel(cfg, rngs=nnx.Rngs(config.seed + 1))
+    make = lambda: make_lrm(cfg, rngs=nnx.Rngs(config.seed + 1))
     role, abstract_params = split_model("lrm", make(), optimizer)
     if config.distill.batch_size % r.ft_microbatches:
         raise ValueError(f"reward.ft_microbatches={r.ft_microbatches} must divide distill.batch_size")
