@@ -26,6 +26,7 @@ from dollar_jax.jobs.common import conditioning_sections
 from dollar_jax.parallel.sharding import replicated
 from dollar_jax.paths import Paths
 from dollar_jax.train.dollar_step import build_step, step_flops
+from dollar_jax.train.flops import recompute_flops
 from dollar_jax.train.loop import Job, train
 from dollar_jax.train.state import TrainState
 
@@ -75,6 +76,7 @@ def make_job(config, workdir: str) -> Job:
         dataset=train_dataset(source, dc.batch_size, config.data.shuffle_seed, map_fn=latents_and_caption),
         total_steps=dc.steps, learning_rate=step.learning_rate, frozen=frozen,
         flops_per_step=step_flops(config, dit, latent_shape, text_shape, reward),
+        recompute_flops_per_step=recompute_flops(config, dit, latent_shape, text_shape[0]),
     )
     if reward is not None:
         reward.start_labeller(config, paths.autoencoder)
