@@ -230,7 +230,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             if done == start + 1:
                 jax.block_until_ready(state)
                 t_start = last_line = time.perf_counter()  # rates and ETA exclude compilation
-                mark = (done, t_start)
+                mark, data_wait = (done, t_start), 0.0
             elif jax.process_index() == 0 and (now - last_line > 10 or done == job.total_steps):
                 rate = (done - start - 1) / (now - t_start)
                 print(f"[{job.name}] step {done}/{job.total_steps}  {rate:.2f} steps/s  "
