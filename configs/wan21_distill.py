@@ -5,14 +5,18 @@
     python tools/convert_weights.py --src WAN/transformer --dst TEACHER --dtype bfloat16
     python -m dollar_jax.main --config=configs/wan21_distill.py:1.3b --workdir=/gcs/bucket/run \\
         --config.data.dir=DATA --config.distill.teacher=TEACHER
-    python tools/plan_memory.py --config=configs/wan21_distill.py:14b --mesh=fsdp=32,context=8
+    python tools/plan_memory.py --config=configs/wan21_distill.py:14b --topology=v5p:2x2x2 --mesh=fsdp=8 \
+        --config.distill.batch_size=8    # XLA:TPU's per-chip memory vs HBM, before renting the slice
 
 Variants: "1.3b" (default), "14b", and "local": the same recipe on a tiny DiT and short clips, for a CPU
 smoke run or for planning on a laptop. Add ",reward" for DOLLAR's latent reward fine-tuning.
 
-Defaults chosen with tools/plan_memory.py (BENCHMARKS.md): bf16 compute with fp32 master weights, every
-block rematerialised, splash attention (TPU; on GPU pass --config.model.attention=cudnn), one 81-frame 480p
-clip per data-parallel shard as in the paper (8 A100s, batch 1 per GPU, FSDP, gradient checkpointing, bf16).
+Defaults: bf16 compute with fp32 master weights, every block rematerialised, splash attention (TPU; on GPU pass
+--config.model.attention=cudnn), one 81-frame 480p clip per data-parallel shard as in the paper (8 A100s,
+batch 1 per GPU, FSDP, gradient checkpointing, bf16). The meshes (1.3B: FSDP over all devices; 14B: FSDP x
+context=4) were chosen from the earlier XLA:CPU plans, which overstate memory (BENCHMARKS.md): check them
+with the XLA:TPU planner above, and see BENCHMARKS.md for the lean-state switches (bf16 moments, fake score
+and EMA; per-update NaN guards) when memory is short.
 """
 
 from dollar_jax.config import _dit_defaults, base_config, variant_flags

@@ -28,7 +28,11 @@ def _dit_defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
 def optimizer(**overrides) -> ml_collections.ConfigDict:
     """An optimiser section: AdamW, linear warm-up, then cosine/linear decay (or constant), global-norm clip."""
     c = dict(name="adamw", learning_rate=1e-3, warmup_steps=0, decay="cosine", final_lr_fraction=0.1,
-             b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+             b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+             # Adam's stored moments: "bfloat16" halves optimiser memory (the update is still computed in fp32).
+             moment_dtype="float32",
+             # b1 = 0 makes Adam's first moment the gradient itself: do not store it (bit-exact, saves a copy).
+             drop_zero_first_moment=True)
     unknown = set(overrides) - set(c)
     if unknown:
         raise KeyError(f"Unknown optimizer keys {sorted(unknown)}")
@@ -139,6 +143,12 @@ def base_config() -> ml_collections.ConfigDict:
         # consecutive rows, so the step can measure one prompt's spread of samples (train/health.py).
         # The batch then holds batch_size / K distinct examples.
         repeat_captions=1,
+        # Memory switches (BENCHMARKS.md, planner section, measures each with XLA:TPU):
+        fake_dtype="",  # storage dtype of the fake score's trained parameters ("bfloat16"; "" = model.param_dtype)
+        ema_dtype="",  # storage dtype of the student's EMA (CD target); it is not kept at all with cd_weight=0
+        # and export="raw", since nothing reads it then
+        nan_guard="state",  # "state": a non-finite step keeps the whole old state (an old and a new copy are
+        # alive); "update": each optimiser update skips itself when its gradients are not finite (no copy)
         eval_steps=(1, 2, 4),  # step counts evaluated and reported for the student
     ))
     # Latent reward fine-tuning (DOLLAR's LRM), part of the distillation step when enabled.
@@ -194,6 +204,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Checkpoints, logging and the non-finite guard.
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, asynchronous=True))
     c.log_every_steps = 50
+    # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 into <workdir>/profile (TensorBoard's
+    # profile plugin / XProf). num_steps = 0: no trace. Start after the first step: it includes compilation.
+    c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
     c.nan_policy = "stop"  # "stop": report the step and stop (the last good checkpoint is kept) | "skip"
     c.lock()  # from here on, assigning an unknown key (in a config file or on the command line) is an error
     return c
@@ -242,6 +255,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.diffusion.schedule not in ("vp", "flow"):
         raise ValueError(f"config.diffusion.schedule must be 'vp' or 'flow', got {config.diffusion.schedule!r}")
     dit_config(config)  # raises on bad model fields
+    if config.distill.nan_guard not in ("state", "update"):
+        raise ValueError(f"config.distill.nan_guard must be 'state' or 'update', got {config.distill.nan_guard!r}")
+    for key in ("fake_dtype", "ema_dtype"):
+        if config.distill[key] not in ("", "float32", "bfloat16"):
+            raise ValueError(f"config.distill.{key} must be '', 'float32' or 'bfloat16', got {config.distill[key]!r}")
     for stage in ("autoencoder", "world_encoder", "teacher", "distill"):
         if config[stage].batch_size <= 0 or config[stage].steps <= 0:
             raise ValueError(f"config.{stage}.batch_size and config.{stage}.steps must be positive")

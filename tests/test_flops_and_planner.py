@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from dollar_jax.models import WanDiT, preset
-from dollar_jax.train.flops import PEAK_BF16_FLOPS, dit_forward_flops, distill_step_flops, utilisation
+from dollar_jax.train.flops import (CHIPS, PEAK_BF16_FLOPS, chip_spec, dit_forward_flops, distill_step_flops,
+                                   recompute_flops, utilisation)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -44,19 +45,39 @@ def test_step_flops_follow_the_recipe():
     dc = config.distill
     # teacher: guided real score (2 forwards) + 5 guided DDIM steps of CD (2 each)
     assert roles["teacher"] == pytest.approx((2 + 2 * dc.cd_steps) * forward)
-    # fake: one forward in VSD + fake_updates training steps of 3 forwards each (no remat in 'local')
+    # fake: one forward in VSD + fake_updates training steps of 3 forwards each
     assert roles["fake"] == pytest.approx((1 + 3 * dc.fake_updates) * forward)
-    config.model.remat_policy = "full"
+    # Model FLOPs (MFU) never count rematerialised recompute; hardware FLOPs (HFU) add one forward per
+    # training pass: fake_updates of the fake score, the VSD and the CD passes of the student.
     remat = distill_step_flops(config, cfg.replace(remat_policy="full"), shape, 16)
-    assert remat["fake"] == pytest.approx((1 + 4 * dc.fake_updates) * forward)
+    assert remat == pytest.approx(roles)
+    assert recompute_flops(config, cfg, shape, 16) == 0.0
+    assert recompute_flops(config, cfg.replace(remat_policy="full"), shape, 16) == pytest.approx(
+        (dc.fake_updates + 2) * forward)
 
 
 def test_utilisation_and_peaks():
-    out = utilisation({"student": 3e12, "fake": 1e12}, steps=10, seconds=2.0, num_devices=4, peak=10e12)
+    out = utilisation({"student": 3e12, "fake": 1e12}, steps=10, seconds=2.0, num_devices=4, peak=10e12,
+                      recompute_per_step=1e12)
     assert out["tflops_per_device"] == pytest.approx(5.0)
     assert out["mfu"] == pytest.approx(0.5) and out["mfu_student"] == pytest.approx(0.375)
+    assert out["hfu"] == pytest.approx(0.625)
     assert "mfu" not in utilisation({"student": 1.0}, 1, 1.0, 1, None)
     assert dict(PEAK_BF16_FLOPS)["H100"] == 989e12
+
+    class Device:  # jax.Device's fields the chip table reads
+        def __init__(self, kind, cores=0):
+            self.device_kind, self.num_cores = kind, cores
+
+    # PCIe is matched before SXM, v5 lite (v5e) before v5 (v5p); unknown devices (CPUs) have no peak.
+    assert chip_spec(Device("NVIDIA H100 PCIe")).peak_bf16 == 756e12
+    assert chip_spec(Device("NVIDIA H100 80GB HBM3")).peak_bf16 == 989e12
+    assert chip_spec(Device("TPU v5 lite")).hbm_gib == 16 and chip_spec(Device("TPU v5")).hbm_gib == 95
+    assert chip_spec(Device("cpu")) is None
+    # HBM per device: a v5p megacore device (2 cores) owns its chip's 95 GiB; a v4 single-core device half.
+    assert chip_spec(Device("TPU v5", 2)).hbm_gib_per_device(Device("TPU v5", 2)) == 95
+    assert chip_spec(Device("TPU v4", 1)).hbm_gib_per_device(Device("TPU v4", 1)) == 16
+    assert len({c.name for c in CHIPS}) == len(CHIPS)
 
 
 @pytest.mark.slow
@@ -72,4 +93,45 @@ def test_planner_compiles_the_real_step_and_sharding_divides_the_state():
     per_device, total = plan["per_device_gib"]["arguments"], plan["state_gib_total"]
     assert total / 8 <= per_device < total / 2, (per_device, total)  # unsharded would be the total
     assert plan["per_device_gib"]["peak"] > per_device > 0
-    assert "per device" in format_plan(plan)
+    assert plan["compiler"] == "XLA:CPU (upper bound)" and plan["fits"] is None
+    assert "per device" in format_plan(plan) and "upper bound" in format_plan(plan)
+
+
+TPU_PLAN = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("w", sys.argv[1]); m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+from dollar_jax.train.planner import format_plan, plan_distill_step
+c = m.get_config("local")
+c.model.update(dict(num_attention_heads=2, attention_head_dim=64, ffn_dim=128, num_layers=1, text_dim=64,
+                    attention="splash", remat_policy="full", dtype="bfloat16"))
+c.data.update(dict(latent_shape=(2, 8, 8, 16), text_shape=(8, 64)))
+c.distill.update(dict(batch_size=4, fake_updates=1, cd_steps=1))
+plan = plan_distill_step(c, {"fsdp": 4}, topology="v5p:2x2x1")
+print(format_plan(plan), file=sys.stderr)
+print(json.dumps(plan))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -e '.[tpu-plan]'): the XLA:TPU planner is not tested")
+def test_planner_compiles_for_a_tpu_topology_with_xla_tpu():
+    import json
+    import subprocess
+    import sys
+
+    # A fresh process: libtpu is loaded for the topology only, next to the CPU backend the tests run on
+    # (JAX_PLATFORMS=cpu stays set: the topology API does not need a TPU backend).
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-c", TPU_PLAN, os.path.join(ROOT, "configs", "wan21_distill.py")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads(done.stdout.strip().splitlines()[-1])
+    assert plan["compiler"] == "XLA:TPU (v5p:2x2x1)" and plan["device_kind"] == "TPU v5" and plan["devices"] == 4
+    mem = plan["per_device_gib"]
+    # The figures are read back from XLA:TPU: sharded arguments, temporaries, and a peak against 95 GiB HBM.
+    assert 0 < mem["arguments"] < plan["state_gib_total"] and mem["temporaries"] > 0
+    assert mem["peak"] >= mem["arguments"] and plan["hbm_gib_per_device"] == 95 and plan["fits"] is True
+    assert plan["estimated_step_seconds"] > 0 and 0 < plan["estimated_mfu"] < 1
+    assert plan["hardware_tflops_per_device_step"] > plan["model_tflops_per_device_step"] > 0

@@ -127,3 +127,19 @@ def test_unknown_config_key_is_an_error():
         c.teacher.optim.learning_rat = 1.0
     with pytest.raises(TypeError):
         c.distill.steps = "many"
+
+
+def test_step_time_data_wait_and_profiler_window(tmp_path):
+    config = toy_config(total=6, every=6)
+    config.profile.update(dict(start_step=3, num_steps=2))
+    train(toy_job(config), config, str(tmp_path / "run"))
+    rows = [r for r in read_metrics(str(tmp_path / "run")) if "time_step_s" in r]
+    # Every logged step after the first (compilation) has a wall time per step and the host's data wait.
+    assert [r["step"] for r in rows] == list(range(2, 7))
+    assert all(r["time_step_s"] > 0 and r["time_data_wait_s"] >= 0 for r in rows)
+    traces = [f for _, _, files in os.walk(tmp_path / "run" / "profile") for f in files if f.endswith(".xplane.pb")]
+    assert traces, "no jax.profiler trace written for steps 3-4"
+    bad = toy_config(total=2)
+    bad.profile.update(dict(start_step=0, num_steps=1))
+    with pytest.raises(ValueError, match="config.profile"):
+        train(toy_job(bad), bad, str(tmp_path / "bad"))

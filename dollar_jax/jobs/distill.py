@@ -29,6 +29,7 @@ from dollar_jax.parallel.sharding import replicated
 from dollar_jax.paths import Paths
 from dollar_jax.train.dollar_step import build_step, step_flops
 from dollar_jax.train.health import warn_on_alarms
+from dollar_jax.train.flops import recompute_flops
 from dollar_jax.train.loop import Job, train
 from dollar_jax.train.state import TrainState
 
@@ -81,6 +82,7 @@ def make_job(config, workdir: str) -> Job:
         total_steps=dc.steps, learning_rate=None, frozen=frozen,
         flops_per_step=step_flops(config, dit, latent_shape, text_shape, reward),
         on_metrics=lambda step, means: warn_on_alarms(step, means, config.health),
+        recompute_flops_per_step=recompute_flops(config, dit, latent_shape, text_shape[0]),
     )
     if reward is not None:
         reward.start_labeller(config, paths.autoencoder)

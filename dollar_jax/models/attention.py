@@ -112,17 +112,24 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool =
     return jnp.swapaxes(out, 1, 2)[:, :tq]
 
 
+def _platform() -> str:
+    """The platform the step is compiled for: the current mesh's devices (a TPU topology when the memory planner
+    compiles ahead of time on a CPU host), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla") -> jax.Array:
     """Full (non-causal, unmasked) attention on arrays this device holds whole."""
     if kernel == "xla":
         return xla_attention(q, k, v)
     if kernel == "cudnn":
-        if jax.default_backend() != "gpu":
-            raise ValueError(f"attention='cudnn' needs a GPU (backend is {jax.default_backend()!r}); use 'xla'")
+        if _platform() != "gpu":
+            raise ValueError(f"attention='cudnn' needs a GPU (backend is {_platform()!r}); use 'xla'")
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     if kernel == "splash":
-        if jax.default_backend() != "tpu":
-            raise ValueError(f"attention='splash' needs a TPU (backend is {jax.default_backend()!r}); use 'xla' "
+        if _platform() != "tpu":
+            raise ValueError(f"attention='splash' needs a TPU (backend is {_platform()!r}); use 'xla' "
                              "(or 'splash_interpret' to test the kernel path on CPU)")
         return splash_attention(q, k, v)
     if kernel == "splash_interpret":

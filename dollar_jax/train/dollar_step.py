@@ -36,7 +36,7 @@ from dollar_jax.train.health import health_metrics
 from dollar_jax.train.loop import scalar_metrics
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.reward_step import make_reward_part
-from dollar_jax.train.state import (Role, TrainState, all_finite, keep_if_finite, optimizer_step, split_model,
+from dollar_jax.train.state import (Role, TrainState, all_finite, guard_state, optimizer_step, split_model,
                                     update_ema)
 
 
@@ -79,8 +79,16 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
     model = abstract(lambda: WanDiT(dit, rngs=nnx.Rngs(0)))
     teacher_role, teacher_abstract = split_model("teacher", abstract(lambda: WanDiT(dit.replace(param_dtype=dc.teacher_dtype),
                                                                       rngs=nnx.Rngs(0))))
-    student_role, abstract_params = split_model("student", model, student_opt, dc.student_ema_decay)
-    fake_role, _ = split_model("fake", model, fake_opt)
+    # Memory switches (config.distill; BENCHMARKS.md measures each): per-update NaN guards, the fake score
+    # stored in bf16, the EMA target in bf16 or not kept at all when nothing reads it (no CD, raw export).
+    if dc.nan_guard not in ("state", "update"):
+        raise ValueError(f"config.distill.nan_guard must be 'state' or 'update', got {dc.nan_guard!r}")
+    guard = dc.nan_guard == "update"
+    keep_ema = bool(dc.cd_weight) or dc.export == "ema"
+    student_role, abstract_params = split_model("student", model, student_opt,
+                                                dc.student_ema_decay if keep_ema else None,
+                                                ema_dtype=dc.ema_dtype or None, guard_updates=guard)
+    fake_role, _ = split_model("fake", model, fake_opt, param_dtype=dc.fake_dtype or None, guard_updates=guard)
     reward = make_reward_part(config, latent_shape, text_shape) if config.reward.enabled else None
     ft_role = ft_lr = None
     if reward is not None and reward.weight:
@@ -114,7 +122,7 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
         real = make_denoiser(teacher, schedule, prediction_type, text, null, dc.real_guidance, dc.real_convention)
         fake_params = jax.lax.stop_gradient(state.params["fake"])
         fake = make_denoiser(fake_role.module(fake_params), schedule, prediction_type, text)
-        ema = state.ema["student"]
+        ema = state.ema.get("student")
         noise = jax.random.normal(k_noise, data.shape, jnp.float32)
 
         def generator_loss(params):
@@ -198,9 +206,9 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
 
         if outputs:
             metrics["_outputs"] = outputs
-        ema = update_ema(ema, params["student"], student_role.ema_decay)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema={"student": ema})
-        return keep_if_finite(finite, new, state), scalar_metrics(finite=finite, **metrics)
+        emas = {} if ema is None else {"student": update_ema(ema, params["student"], student_role.ema_decay)}
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema=emas)
+        return guard_state(roles, finite, new, state), scalar_metrics(finite=finite, **metrics)
 
     roles = {"student": student_role, "fake": fake_role}
     shapes = {"student": abstract_params, "fake": abstract_params}

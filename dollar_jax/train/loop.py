@@ -61,6 +61,8 @@ class Job:
     flops_per_step: Mapping[str, float] | None = None
     # Called with (step, the window's mean metrics) each time the loop logs them (e.g. health warnings).
     on_metrics: Callable[[int, dict], Any] | None = None
+    # FLOPs the hardware spends on rematerialised recompute per step (train/flops.py): logged as HFU beside MFU.
+    recompute_flops_per_step: float = 0.0
 
 
 def jit_train_step(train_step: Callable, state_shardings, frozen_shardings, batch_shardings):
@@ -68,6 +70,32 @@ def jit_train_step(train_step: Callable, state_shardings, frozen_shardings, batc
     donated (updated in place); frozen inputs and the batch are read only."""
     return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+class Profiler:
+    """A jax.profiler trace of steps [start, start + num) (1-based: step s is the s-th step run) into `folder`."""
+
+    def __init__(self, folder: str, start: int, num: int):
+        if num < 0 or (num and start < 1):
+            raise ValueError(f"config.profile: start_step must be >= 1 and num_steps >= 0, got {start}, {num}")
+        self.folder, self.start, self.stop, self.active = folder, start, start + num - 1, False
+
+    def before(self, step: int) -> None:
+        if self.stop >= self.start and step == self.start and not self.active:
+            os.makedirs(self.folder, exist_ok=True)
+            jax.profiler.start_trace(self.folder)
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step >= self.stop:
+            jax.block_until_ready(state)  # the trace must hold the device work of its last step
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile of steps %d-%d written to %s", self.start, self.stop, self.folder)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -122,11 +150,16 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                                              every_steps=config.log_every_steps)
     config_json = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else "{}"
 
+    data_wait = 0.0  # host seconds spent waiting for input since the last logged window
+
     def host_batch(done: int):
+        nonlocal data_wait
+        t0 = time.perf_counter()
         raw = next(data_iter)
         batch = job.prepare_batch(raw)
         if job.extra_inputs is not None:
             batch.update(job.extra_inputs(done))
+        data_wait += time.perf_counter() - t0
         return raw, batch
 
     raw, first = host_batch(start + 1)
@@ -146,7 +179,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
 
     def drain(upto_all: bool):
         """Fetch metrics of finished steps; enforce the NaN policy; write averages every log interval."""
-        nonlocal window, mark
+        nonlocal window, mark, data_wait
         keep = 0 if upto_all else 1
         while len(pending) > keep:
             s, m, outputs, raw_s = pending.pop(0)
@@ -168,19 +201,30 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                 if job.learning_rate is not None:
                     means["learning_rate"] = float(job.learning_rate(s))
                 now = time.perf_counter()
-                if job.flops_per_step and mark is not None and s > mark[0]:
+                if mark is not None and s > mark[0]:
+                    # Wall time per step over the window (compilation excluded) and the part of it the host
+                    # spent waiting for data (reading, decoding, host-side inputs): if close, the input is the
+                    # bottleneck. Metrics are fetched one step late, so the window is approximate by a step.
                     s0, t0 = mark
-                    means.update(utilisation(job.flops_per_step, s - s0, now - t0, mesh.devices.size, peak))
+                    means["time_step_s"] = (now - t0) / (s - s0)
+                    means["time_data_wait_s"] = data_wait / (s - s0)
+                    if job.flops_per_step:
+                        means.update(utilisation(job.flops_per_step, s - s0, now - t0, mesh.devices.size, peak,
+                                                 job.recompute_flops_per_step))
                 if mark is not None:
-                    mark = (s, now)
+                    mark, data_wait = (s, now), 0.0
                 writer.write_scalars(s, means)
                 if job.on_metrics is not None:
                     job.on_metrics(s, means)
                 window = []
 
+    profile = Profiler(os.path.join(workdir, "profile"), config.profile.start_step, config.profile.num_steps)
     try:
         for step in range(start, job.total_steps):
-            state, metrics = step_fn(state, frozen, to_global(batch, mesh))
+            profile.before(step + 1)
+            with jax.profiler.StepTraceAnnotation(job.name, step_num=step + 1):
+                state, metrics = step_fn(state, frozen, to_global(batch, mesh))
+            profile.after(step + 1, state)
             done = step + 1
             outputs = metrics.pop("_outputs", None)
             pending.append((done, metrics, outputs, raw))
@@ -197,7 +241,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             if done == start + 1:
                 jax.block_until_ready(state)
                 t_start = last_line = time.perf_counter()  # rates and ETA exclude compilation
-                mark = (done, t_start)
+                mark, data_wait = (done, t_start), 0.0
             elif jax.process_index() == 0 and (now - last_line > 10 or done == job.total_steps):
                 rate = (done - start - 1) / (now - t_start)
                 print(f"[{job.name}] step {done}/{job.total_steps}  {rate:.2f} steps/s  "
@@ -209,6 +253,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
         if job.on_sample:
             writer.write_scalars(job.total_steps, job.on_sample(state, job.total_steps))
     finally:
+        profile.close()
         ckpt.close()
         writer.flush()
         if job.close:

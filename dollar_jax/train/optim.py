@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DECAYS = ("cosine", "constant", "linear")
+MOMENT_DTYPES = ("float32", "bfloat16")
 
 
 def learning_rate_schedule(c, total_steps: int) -> optax.Schedule:
@@ -26,14 +31,57 @@ def learning_rate_schedule(c, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+class LeanAdamState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates | None  # None when b1 == 0: the first moment would be the gradient itself
+    nu: optax.Updates
+
+
+def scale_by_lean_adam(b1: float, b2: float, eps: float, moment_dtype=None,
+                       drop_zero_first_moment: bool = True) -> optax.GradientTransformation:
+    """optax.scale_by_adam with its memory trimmed, same arithmetic (bit-exact with float32 moments):
+
+    - with b1 == 0 (DMD2's Adam) the first moment is the gradient (mu = 0 * mu + 1 * g, bias correction 1), so
+      it is not stored: one parameter-sized buffer less (5 GiB for a 1.3B model in float32);
+    - `moment_dtype` stores both moments in that dtype (e.g. bfloat16: half the optimiser memory; the update
+      itself is computed in float32 and only the stored moments are rounded).
+    """
+    dtype = jnp.dtype(moment_dtype) if moment_dtype else None
+    keep_mu = not (b1 == 0.0 and drop_zero_first_moment)
+
+    def cast(tree, like):
+        return jax.tree.map(lambda t, p: t.astype(dtype or p.dtype), tree, like)
+
+    def init_fn(params):
+        zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, dtype or p.dtype), params)  # noqa: E731
+        return LeanAdamState(count=jnp.zeros([], jnp.int32), mu=zeros() if keep_mu else None, nu=zeros())
+
+    def update_fn(updates, state, params=None):
+        del params
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        if keep_mu:
+            mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+            mu_hat = optax.tree.bias_correction(mu, b1, count)
+        else:
+            mu, mu_hat = None, updates
+        nu_hat = optax.tree.bias_correction(nu, b2, count)
+        out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+        return out, LeanAdamState(count=count, mu=cast(mu, updates) if keep_mu else None, nu=cast(nu, updates))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(c, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     if c.name not in OPTIMIZERS:
         raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {c.name!r}")
+    if c.moment_dtype not in MOMENT_DTYPES:
+        raise ValueError(f"optimizer moment_dtype must be one of {MOMENT_DTYPES}, got {c.moment_dtype!r}")
     lr = learning_rate_schedule(c, total_steps)
-    if c.name == "adamw":
-        core = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
-    elif c.name == "adam":
-        core = optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
+    if c.name in ("adamw", "adam"):
+        adam = scale_by_lean_adam(c.b1, c.b2, c.eps, c.moment_dtype, c.drop_zero_first_moment)
+        decay = [optax.add_decayed_weights(c.weight_decay)] if c.name == "adamw" else []
+        core = optax.chain(adam, *decay, optax.scale_by_learning_rate(lr))
     else:
         core = optax.sgd(lr)
     chain = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip and c.grad_clip > 0 else []

@@ -38,6 +38,12 @@ class Role:
     @property
     def param_owner(self) -> str:
         return self.params_of or self.name
+    # Memory switches (they change storage, not the update rule): the dtype the role's trained parameters and
+    # its EMA copy are stored in (None: as initialised), and whether each optimiser update guards itself
+    # against non-finite gradients (else the step keeps a whole old copy of the state, `keep_if_finite`).
+    param_dtype: str | None = None
+    ema_dtype: str | None = None
+    guard_updates: bool = False
 
     @property
     def trainable(self) -> bool:
@@ -50,11 +56,12 @@ class Role:
         return nnx.merge(self.graphdef, params, self.static)
 
 
-def split_model(name: str, model: nnx.Module, optimizer=None, ema_decay=None) -> tuple[Role, dict]:
-    """A role and its initial parameters (pure dict) from a concrete or abstract NNX module."""
+def split_model(name: str, model: nnx.Module, optimizer=None, ema_decay=None, **switches) -> tuple[Role, dict]:
+    """A role and its initial parameters (pure dict) from a concrete or abstract NNX module. `switches` are
+    Role's memory fields (param_dtype, ema_dtype, guard_updates)."""
     graphdef, params, static = nnx.split(model, nnx.Param, ...)
     static_pure = static if len(jax.tree.leaves(static)) else None
-    role = Role(name, graphdef, logical_axes(params), optimizer, ema_decay, static_pure)
+    role = Role(name, graphdef, logical_axes(params), optimizer, ema_decay, static_pure, **switches)
     return role, nnx.to_pure_dict(params)
 
 
@@ -70,10 +77,20 @@ class TrainState:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
+def _cast(tree, dtype: str | None, copy: bool = False):
+    """Floating leaves cast to `dtype` (None: unchanged)."""
+    def one(a):
+        if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating):
+            return a.astype(dtype)
+        return jnp.copy(a) if copy else a
+    return jax.tree.map(one, tree)
+
+
 def init_state(roles: Mapping[str, Role], params: Mapping[str, Any], seed: int) -> TrainState:
     """Pure: optimiser states and EMA copies from the initial parameters (jit it with out_shardings)."""
+    params = {n: _cast(p, roles[n].param_dtype) if n in roles else p for n, p in params.items()}
     opt_state = {n: r.optimizer.init(params[r.param_owner]) for n, r in roles.items() if r.trainable}
-    ema = {n: jax.tree.map(jnp.copy, params[n]) for n, r in roles.items() if r.ema_decay is not None}
+    ema = {n: _cast(params[n], r.ema_dtype, copy=True) for n, r in roles.items() if r.ema_decay is not None}
     return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)),
                       params=dict(params), opt_state=opt_state, ema=ema)
 
@@ -83,20 +100,38 @@ def state_shardings(roles: Mapping[str, Role], abstract: TrainState, mesh: Mesh)
     rep = replicated(mesh)
     params = {n: tree_shardings(mesh, abstract.params[n], roles[n].axes) for n in abstract.params}
     ema = {n: params[n] for n in abstract.ema}
-    opt_state = {}
-    for n, opt in abstract.opt_state.items():
-        opt_state[n] = optax.tree_map_params(
-            roles[n].optimizer, lambda _, s: s, opt, params[roles[n].param_owner],
-            transform_non_params=lambda _: rep,
-            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
-        )
+    opt_state = {n: _param_like_shardings(opt, abstract.params[roles[n].param_owner], params[roles[n].param_owner], rep)
+                 for n, opt in abstract.opt_state.items()}
     return TrainState(step=rep, rng=rep, params=params, opt_state=opt_state, ema=ema)
 
 
+def _param_like_shardings(opt_state, params, param_shardings, rep):
+    """Shardings of an optimiser state: every subtree shaped like the parameters (moments, in whatever dtype)
+    is sharded like them, everything else (step counts, scalars) is replicated. Structural, so nothing runs
+    (optax.tree_map_params calls init eagerly, which cannot run on a TPU topology planned from a CPU host)."""
+    treedef = jax.tree.structure(params)
+    shapes = [a.shape for a in jax.tree.leaves(params)]
+
+    def like_params(x) -> bool:
+        return (jax.tree.structure(x) == treedef
+                and [getattr(a, "shape", None) for a in jax.tree.leaves(x)] == shapes)
+
+    return jax.tree.map(lambda x: param_shardings if like_params(x) else rep, opt_state, is_leaf=like_params)
+
+
 def optimizer_step(role: Role, params, opt_state, grads) -> tuple[dict, Any, jax.Array]:
-    """One optimiser update: (new params, new optimiser state, global gradient norm)."""
-    updates, opt_state = role.optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+    """One optimiser update: (new params, new optimiser state, global gradient norm).
+
+    With `role.guard_updates`, an update whose gradients are not all finite leaves the parameters and the
+    optimiser state as they were (optax.apply_if_finite's idea, without its counters): the select fuses into
+    the update, so no second copy of the state is kept alive."""
+    updates, new_opt_state = role.optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if role.guard_updates:
+        finite = all_finite(grads)
+        new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                                                 (new_params, new_opt_state), (params, opt_state))
+    return new_params, new_opt_state, optax.global_norm(grads)
 
 
 def apply_gradients(state: TrainState, role: Role, grads) -> tuple[dict, Any, jax.Array]:
@@ -111,6 +146,19 @@ def update_ema(ema, params, decay: float):
 def all_finite(*trees) -> jax.Array:
     leaves = [x for t in trees for x in jax.tree.leaves(t)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def guard_state(roles: Mapping[str, Role], finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    """The step's NaN/Inf guard, role by role: a role whose updates guard themselves (`guard_updates`) keeps its
+    new parameters and optimiser state (a bad update already left them as they were); every other role, and
+    every EMA copy, keeps its old values when the step was not finite (`keep_if_finite` for the whole state
+    when no role guards itself)."""
+    if not any(r.guard_updates for r in roles.values()):
+        return keep_if_finite(finite, new, old)
+    keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)  # noqa: E731
+    params = {n: p if n in roles and roles[n].guard_updates else keep(p, old.params[n]) for n, p in new.params.items()}
+    opt_state = {n: s if roles[n].guard_updates else keep(s, old.opt_state[n]) for n, s in new.opt_state.items()}
+    return new.replace(params=params, opt_state=opt_state, ema=keep(new.ema, old.ema))
 
 
 def keep_if_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
