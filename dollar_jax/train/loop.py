@@ -25,6 +25,7 @@ from dollar_jax.parallel.rules import axis_rules
 from dollar_jax.train.checkpointing import RunCheckpointer
 from dollar_jax.train.flops import peak_flops, utilisation
 from dollar_jax.train.metrics import make_writer, truncate_metrics
+from dollar_jax.train.preemption import Preempted, PreemptionWatch
 from dollar_jax.train.state import Role, TrainState, init_state, state_shardings
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                 writer.write_scalars(s, means)
                 window = []
 
+    watch = PreemptionWatch()  # from here on SIGTERM means "save this step and stop"
     try:
         for step in range(start, job.total_steps):
             state, metrics = step_fn(state, frozen, to_global(batch, mesh))
@@ -175,11 +177,16 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                 job.after_step(done, outputs, raw)
             pending.append((done, metrics))
             report(done)
-            save_now = done == job.total_steps or (every_ckpt and done % every_ckpt == 0)
+            preempted = watch.reached(done)  # every host asks at every step: they agree on the step
+            save_now = done == job.total_steps or (every_ckpt and done % every_ckpt == 0) or preempted
             drain(upto_all=save_now)
             if save_now:
                 host = job.host_state() if job.host_state is not None else None
                 ckpt.save(done, state, data_iter.get_state(), {"config": config_json}, host)
+            if preempted and done < job.total_steps:
+                ckpt.wait()
+                log.warning("[%s] preempted: saved step %d of %d", job.name, done, job.total_steps)
+                raise Preempted(done)
             if job.on_sample and job.sample_every and done % job.sample_every == 0 and done < job.total_steps:
                 writer.write_scalars(done, job.on_sample(state, done))
             now = time.perf_counter()
@@ -198,6 +205,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
         if job.on_sample:
             writer.write_scalars(job.total_steps, job.on_sample(state, job.total_steps))
     finally:
+        watch.close()
         ckpt.close()
         writer.flush()
         if job.close:
