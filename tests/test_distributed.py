@@ -87,3 +87,17 @@ def test_initialize_failure_names_the_environment_and_the_way_out(monkeypatch):
     with pytest.raises(RuntimeError, match="cloud_tpu cluster .*metadata server unreachable.*DOLLAR_DISTRIBUTED=off"):
         start({}, libtpu=True, accel=["/dev/accel0"])
 
+
+
+def test_default_probes_read_the_filesystem_and_installed_packages(calls, monkeypatch):
+    import glob
+    import importlib.util
+
+    installed = {"libtpu"}
+    devices = {"/dev/vfio/[0-9]*": ["/dev/vfio/0"]}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    monkeypatch.setattr(glob, "glob", lambda pattern: devices.get(pattern, []))
+    assert maybe_initialize("auto", env={})  # the probes main.py uses, on a (mocked) v6e worker
+    installed.clear()
+    assert not maybe_initialize("auto", env={})
+    assert calls == [{}]

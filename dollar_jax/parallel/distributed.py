@@ -121,8 +121,7 @@ def maybe_initialize(mode: str = "auto", env: Mapping[str, str] | None = None, *
     except Exception as e:  # noqa: BLE001 - say which environment we thought this was, then re-raise
         raise RuntimeError(f"jax.distributed.initialize failed for a {cluster.kind} cluster ({e}); set "
                            "DOLLAR_DISTRIBUTED=off to run this host as a single process") from e
-    log.info("jax.distributed: %s", describe())
-    return True
+    return True  # the caller prints describe(): one line per process
 
 
 def describe() -> str:
