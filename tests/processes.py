@@ -84,7 +84,7 @@ def metric_rows(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def wait_for(condition, procs, timeout: float = 300, what: str = "") -> None:
+def wait_for(condition, procs, timeout: float = 1200, what: str = "") -> None:
     """Poll `condition()` until true; fail (killing `procs`) on timeout or if a process ends first."""
     deadline = time.time() + timeout
     while not condition():
