@@ -11,7 +11,7 @@
     python launch/tpu_pod.py delete --name dollar --zone us-east5-a [--queued]
     # all of it, restarting after preemptions: (re)create, set up, run in the foreground, repeat
     python launch/tpu_pod.py supervise --name dollar --zone us-east5-a --accelerator v5p-32 --queued --spot \
-        --config configs/wan21_distill.py:1.3b --workdir gs://bucket/run -- --config.data.dir=gs://bucket/latents
+        --config configs/wan21_distill.py:1.3b --workdir WORKDIR -- --config.data.dir=DATA
 
 Every command is printed (prefixed with "+ ") before it runs; --dry_run prints them and runs nothing.
 `run` starts the same command on every worker: jax.distributed.initialize() finds the coordinator and the
