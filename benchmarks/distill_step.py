@@ -4,6 +4,8 @@
     python benchmarks/distill_step.py --config=configs/wan21_distill.py:1.3b --config.distill.batch_size=1 \\
         --config.model.attention=cudnn --config.mesh.fsdp=1          # one GPU: 81 frames 480p, batch 1
     python benchmarks/distill_step.py --config=configs/wan21_distill.py:local --config.mesh.fsdp=1   # CPU smoke
+    # a restart's compile: run twice with the same cache folder (first cold, then loaded from the cache)
+    python benchmarks/distill_step.py --config=... --compilation_cache=/tmp/cc
 
 Weights are random (drawn inside jit on the mesh: nothing passes through the host); the batch is random
 latents/text of config.data.latent_shape/text_shape. Prints one JSON line: compile time, mean step time over
@@ -32,10 +34,16 @@ from dollar_jax.train.state import init_state, split_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed steps after the warm-up step.")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent compilation cache folder (as config."
+                             "compilation_cache): run twice to time a restart's compile (cold, then warm).")
 
 
 def main(_):
     config = _CONFIG.value
+    if _CACHE.value:
+        from dollar_jax import compilation_cache
+
+        compilation_cache.enable(_CACHE.value, "")
     dit = dit_config(config)
     latent_shape, text_shape = tuple(config.data.latent_shape), tuple(config.data.text_shape)
     mesh = make_mesh(dict(config.mesh))

@@ -44,6 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.job = "teacher"
     c.seed = 0
+    # Multi-host start (dollar_jax/parallel/distributed.py): "auto" detects Cloud TPU VMs, GKE, SLURM and the
+    # DOLLAR_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID triple; "on" forces jax.distributed.initialize(); "off"
+    # runs this process alone. The DOLLAR_DISTRIBUTED environment variable overrides it.
+    c.distributed = "auto"
+    # Persistent XLA compilation cache (a restart loads the compiled step instead of recompiling for minutes):
+    # "auto" = <workdir>/compilation_cache, any other string = that folder (local or gs://), "" = off.
+    c.compilation_cache = "auto"
     # Build the embedded shapes world's prerequisites (videos -> autoencoder -> latents) when a job needs
     # them. Real runs set this False and point config.data at precomputed latents.
     c.embedded_world = True
@@ -164,10 +171,13 @@ def base_config() -> ml_collections.ConfigDict:
         lrm_kind="frame", lrm_width=128, lrm_first_stride=4,
         lrm_optim=optimizer(learning_rate=1e-3, warmup_steps=0, decay="constant"),
         lrm_batch_size=32,
-        # step s trains on labels of steps <= s - lag (the labeller overlaps with the step); >= 2, since a step's
-        # samples reach the labeller only once the step is known finite, one step later.
-        label_lag=2,
-        label_window=64,  # ... and > s - lag - window
+        label_lag=2,  # step s trains on labels of steps <= s - lag (the labeller overlaps with the step)
+        # ... and > s - lag - window. The window is what each host keeps in memory and in every checkpoint
+        # (latents and text in bf16, text once per clip): per host, with r = distill.batch_size / hosts rows,
+        #   bytes ~ (label_window + label_lag + 1) * r * (2 * 2 * prod(latent_shape) + 2 * prod(text_shape) + 8)
+        # Wan2.1 81x480x832 (latents [21, 60, 104, 16], umT5 text [512, 4096]): ~12.6 MB per row and step,
+        # so 64 + 2 + 1 steps x 1 row = 0.84 GB per host (x r rows). Lower the window for larger r.
+        label_window=64,
         ft_microbatches=1,  # gradient accumulation for the L_FT generator step (the paper: 7)
         # The L_FT generator step's own optimiser (its own Adam moments and schedule, counting L_FT steps only;
         # sharing the VSD + CD state would advance it twice per iteration). The paper does not give it.

@@ -1,6 +1,8 @@
 """Entry point: python -m dollar_jax.main --config=configs/<file>.py[:arg] --workdir=DIR [--config.key=value ...]
 
 Runs config.job. Every job resumes from what DIR already holds and skips stages whose outputs exist.
+Exit status: 0 done; 75 (EX_TEMPFAIL) preempted (SIGTERM or the TPU runtime's preemption notice) after
+saving the step in progress: run the same command again to resume (launch/ supervisors do); other: an error.
 """
 
 from __future__ import annotations
@@ -67,14 +69,26 @@ def main(argv):
             f"--workdir={_WORKDIR.value}: object-store URLs are not opened directly (every writer here uses local "
             "file APIs). Mount the bucket (e.g. gcsfuse at /gcs/<bucket>) and pass the mounted path.")
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    from dollar_jax.parallel.distributed import maybe_initialize
+    config = _CONFIG.value
+    from dollar_jax.parallel.distributed import DistributedConfigError, describe, maybe_initialize
 
-    if maybe_initialize():
-        import jax
+    try:  # before anything touches a JAX backend
+        started = maybe_initialize(config.distributed)
+    except DistributedConfigError as e:
+        raise app.UsageError(str(e)) from None
+    if started:
+        print(f"[dollar] {describe()}", flush=True)
+    from dollar_jax import compilation_cache
+    from dollar_jax.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
-        print(f"[dollar] process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
-              f"{jax.device_count()} global devices", flush=True)
-    run_job(_CONFIG.value, _WORKDIR.value)
+    compilation_cache.enable(config.compilation_cache, _WORKDIR.value)
+    try:
+        run_job(config, _WORKDIR.value)
+    except Preempted as e:
+        # The checkpoint of the step in progress is written; the launcher's supervisor restarts on this code.
+        print(f"[dollar] {e}; exiting with status {PREEMPTED_EXIT_CODE} (restart to resume)", flush=True)
+        return PREEMPTED_EXIT_CODE
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER_ENV = ("DOLLAR_COORDINATOR", "DOLLAR_NUM_PROCESSES", "DOLLAR_PROCESS_ID")
+# dollar_jax.main's exit status after a preemption (checkpoint saved): "run me again". The same number as
+# dollar_jax/train/preemption.py (launchers do not import the package; a test checks they agree).
+PREEMPTED_EXIT_CODE = 75
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 

@@ -2,7 +2,8 @@
 """GPU hosts: one process per host drives all of that host's GPUs.
 
     # one host (all its GPUs, or the listed ones)
-    python launch/gpu.py --config configs/wan21_distill.py:1.3b --workdir /shared/run [--gpus 0,1,2,3]
+    python launch/gpu.py --config configs/wan21_distill.py:1.3b --workdir /shared/run [--gpus 0,1,2,3] \
+        [--max_restarts 10]   # run again after a preemption (exit status 75: checkpoint saved)
     # several hosts over ssh: process i runs on the i-th host, the first host is the coordinator
     python launch/gpu.py --hosts gpu-a,gpu-b --coordinator_port 12355 [--ssh_user me] [--remote_dir ~/dollar-jax] \\
         --config configs/wan21_distill.py:1.3b --workdir /shared/run -- --config.model.attention=cudnn
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--local_processes", type=int, default=None, help="start K processes here and wait for them")
     lp.add_argument("--cpu_devices_per_process", type=int, default=None,
                     help="run on the CPU with this many virtual devices per process (JAX_PLATFORMS=cpu)")
+    p.add_argument("--max_restarts", type=int, default=0,
+                   help=f"run again (it resumes) when the program exits with {common.PREEMPTED_EXIT_CODE}: "
+                        "preempted after saving a checkpoint (SIGTERM). This machine only; default 0")
     return p
 
 
@@ -251,6 +255,10 @@ def parse(argv: list[str]):
             fail("--gpus and --env CUDA_VISIBLE_DEVICES=...: give one of them")
     if args.hosts is not None and args.local_processes is not None:
         fail("--hosts and --local_processes exclude each other")
+    if args.max_restarts < 0:
+        fail("--max_restarts must not be negative")
+    if args.max_restarts and args.hosts is not None:
+        fail("--max_restarts restarts processes on this machine; --hosts starts them in the background over ssh")
     if args.hosts is None:
         for name in ("coordinator_host", "ssh_user", "remote_dir"):
             if getattr(args, name) is not None:
@@ -296,9 +304,17 @@ def main(argv: list[str] | None = None) -> int:
             print("processes already started on earlier hosts will time out waiting for the missing ones",
                   file=sys.stderr)
         return rc
-    if args.local_processes is not None:
-        return run_together(local_process_commands(args, extra), args.dry_run)
-    return common.execute(single_host_commands(args, extra), args.dry_run, run_foreground)
+    for attempt in range(args.max_restarts + 1):
+        if args.local_processes is not None:
+            rc = run_together(local_process_commands(args, extra), args.dry_run)
+        else:
+            rc = common.execute(single_host_commands(args, extra), args.dry_run, run_foreground)
+        if rc != common.PREEMPTED_EXIT_CODE:
+            return rc
+        if attempt < args.max_restarts:
+            print(f"preempted (exit status {rc}, checkpoint saved): restart {attempt + 1} of {args.max_restarts}",
+                  file=sys.stderr, flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,17 +1,28 @@
 #!/usr/bin/env python3
 """Cloud TPU VM pod slices: create, set up, run dollar_jax.main on every worker, follow the log, delete.
 
-    python launch/tpu_pod.py create --name dollar --zone us-east5-a --accelerator v5p-32 [--spot]
+    python launch/tpu_pod.py create --name dollar --zone us-east5-a --accelerator v5p-32 [--spot] [--queued]
     python launch/tpu_pod.py setup  --name dollar --zone us-east5-a
     python launch/tpu_pod.py run    --name dollar --zone us-east5-a --config configs/wan21_distill.py:1.3b \\
         --workdir /gcs/bucket/run [--env K=V ...] -- --config.data.dir=/gcs/bucket/latents
     python launch/tpu_pod.py logs   --name dollar --zone us-east5-a [--worker 0]
     python launch/tpu_pod.py stop   --name dollar --zone us-east5-a
-    python launch/tpu_pod.py delete --name dollar --zone us-east5-a
+    python launch/tpu_pod.py status --name dollar --zone us-east5-a [--queued]
+    python launch/tpu_pod.py delete --name dollar --zone us-east5-a [--queued]
+    # all of it, restarting after preemptions: (re)create, set up, run in the foreground, repeat
+    python launch/tpu_pod.py supervise --name dollar --zone us-east5-a --accelerator v5p-32 --queued --spot \
+        --config configs/wan21_distill.py:1.3b --workdir WORKDIR -- --config.data.dir=DATA
 
 Every command is printed (prefixed with "+ ") before it runs; --dry_run prints them and runs nothing.
 `run` starts the same command on every worker: jax.distributed.initialize() finds the coordinator and the
 process id from the TPU runtime (dollar_jax/parallel/distributed.py). Standard library only.
+
+--queued creates the slice as a queued resource (`gcloud compute tpus queued-resources create`), the way to
+get Spot capacity: the request waits until capacity exists. A preempted Spot slice does not come back by
+itself (its queued resource turns SUSPENDED / the node PREEMPTED): `supervise` deletes it, queues it again,
+sets the new workers up and restarts the job, which resumes from its last checkpoint. It restarts when every
+worker's dollar_jax.main exited with 75 (preempted, checkpoint saved) or the slice went away, and stops on
+success or on any other failure (a bug: restarting would fail again).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # launch/common.py, whatever the cwd
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +44,10 @@ REMOTE_DIR = "~/dollar-jax"  # the code on every worker
 REMOTE_VENV = "~/dollar-venv"  # its virtual environment (pyproject wants Python >= 3.11; Ubuntu 22.04 has 3.10)
 REMOTE_TARBALL = "dollar-jax.tar.gz"  # in the remote home directory
 LOG = "~/dollar.log"
+EXIT_FILE = "~/dollar.exit"  # supervise: each worker's exit status of its last run
+HEALTHY = ("ACTIVE", "READY")  # queued resource / node states in which the workers run
+WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING", "STARTING", "RESTARTING", "REPAIRING")
+# Any other state (SUSPENDED, FAILED, PREEMPTED, TERMINATED, STOPPED, MISSING): delete and create again.
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
@@ -54,16 +70,36 @@ def gcloud(verb: str, args, *positional: str) -> list[str]:
     return argv
 
 
+def queued(verb: str, args) -> list[str]:
+    """gcloud compute tpus queued-resources VERB NAME --zone=Z [--project=P] (the queued resource has the
+    node's name)."""
+    argv = ["gcloud", "compute", "tpus", "queued-resources", verb, args.name, f"--zone={args.zone}"]
+    if args.project:
+        argv.append(f"--project={args.project}")
+    return argv
+
+
 def ssh(args, worker: str, command: str) -> common.Command:
     return common.Command(gcloud("ssh", args) + [f"--worker={worker}", "--command", command])
 
 
 # ---- subcommands -------------------------------------------------------------------------------------------
 def create_commands(args) -> list[common.Command]:
-    argv = gcloud("create", args) + [f"--accelerator-type={args.accelerator}", f"--version={args.version}"]
+    if args.queued:
+        argv = queued("create", args) + [f"--node-id={args.name}", f"--accelerator-type={args.accelerator}",
+                                         f"--runtime-version={args.version}"]
+    else:
+        argv = gcloud("create", args) + [f"--accelerator-type={args.accelerator}", f"--version={args.version}"]
     if args.spot:
         argv.append("--spot")
     return [common.Command(argv)]
+
+
+def status_commands(args) -> list[common.Command]:
+    """One word: the queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED...) or the node's."""
+    if args.queued:
+        return [common.Command(queued("describe", args) + ["--format=value(state.state)"])]
+    return [common.Command(gcloud("describe", args) + ["--format=value(state)"])]
 
 
 def tarball_path(name: str) -> str:
@@ -123,7 +159,99 @@ def stop_commands(args) -> list[common.Command]:
 
 
 def delete_commands(args) -> list[common.Command]:
+    if args.queued:  # --force also deletes the node the queued resource created
+        return [common.Command(queued("delete", args) + ["--force", "--quiet"])]
     return [common.Command(gcloud("delete", args) + ["--quiet"])]
+
+
+# ---- supervise: run to the end across preemptions ------------------------------------------------------------
+def foreground_script(args, extra: list[str]) -> str:
+    """Every worker: run dollar_jax.main to its end (output appended to the log), then record its exit status."""
+    prog = shlex.join(["python", *common.main_argv(args.config, args.workdir, extra)])
+    env = "".join(f"{k}={shlex.quote(v)} " for k, v in args.env)
+    return (f"cd {common.remote_path(REMOTE_DIR)} && . {common.remote_path(REMOTE_VENV)}/bin/activate && "
+            f"rm -f {EXIT_FILE} && {{ {env}{prog} >> {LOG} 2>&1 < /dev/null; echo $? > {EXIT_FILE}; }}")
+
+
+def exit_status_command(args) -> common.Command:
+    return ssh(args, "all", f"cat {EXIT_FILE} 2>/dev/null || echo missing")
+
+
+def capture(c: common.Command) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(c.argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(c.argv, 127, "", f"{c.argv[0]!r} not found on PATH")
+
+
+def slice_state(args) -> str:
+    (c,) = status_commands(args)
+    r = capture(c)
+    words = r.stdout.split()
+    return words[-1].upper() if r.returncode == 0 and words else "MISSING"
+
+
+def exit_statuses(args) -> list[int | None]:
+    """Each worker's recorded exit status (None: no record, e.g. a worker that was replaced)."""
+    r = capture(exit_status_command(args))
+    if r.returncode != 0:
+        return []
+    return [int(w) if w.isdigit() else None for w in r.stdout.split() if w.isdigit() or w == "missing"]
+
+
+def ensure_slice(args) -> bool | None:
+    """Wait for a healthy slice, (re)creating it when it is missing or gone. True: it was (re)created (the
+    workers need setup); False: it was there; None: not healthy within --wait_s."""
+    created, deadline = False, time.monotonic() + args.wait_s if args.wait_s else None
+    while True:
+        state = slice_state(args)
+        print(f"[supervise] {args.name}: {state}", file=sys.stderr, flush=True)
+        if state in HEALTHY:
+            return created
+        if state not in WAITING:
+            commands = (delete_commands(args) if state != "MISSING" else []) + create_commands(args)
+            if common.execute(commands, False, run_command) != 0:
+                return None
+            created = True
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        time.sleep(args.poll_s)
+
+
+def supervise(args, extra: list[str]) -> int:
+    setup_needed = args.setup
+    for attempt in range(args.max_restarts + 1):
+        created = ensure_slice(args)
+        if created is None:
+            print(f"error: slice {args.name} not ready (see `status`); giving up", file=sys.stderr)
+            return 1
+        if created or setup_needed:
+            rc = common.execute(setup_commands(args), False, run_command)
+            if rc != 0:
+                return rc
+            setup_needed = False
+        job = ssh(args, "all", foreground_script(args, extra))
+        common.announce(job)
+        run_command(job)  # its status is that of ssh; the workers' own statuses are read next
+        codes = exit_statuses(args)
+        print(f"[supervise] exit statuses: {codes}", file=sys.stderr, flush=True)
+        if codes and all(c == 0 for c in codes):
+            return 0
+        preempted = bool(codes) and all(c in (0, common.PREEMPTED_EXIT_CODE) for c in codes)
+        if not preempted and slice_state(args) in HEALTHY:
+            print(f"error: the job failed on a healthy slice (exit statuses {codes}); not restarting. See "
+                  f"python launch/tpu_pod.py logs --name {args.name} --zone {args.zone}", file=sys.stderr)
+            return 1
+        print(f"[supervise] preempted (restart {attempt + 1} of {args.max_restarts})", file=sys.stderr, flush=True)
+    print(f"error: still preempted after --max_restarts={args.max_restarts} restarts", file=sys.stderr)
+    return 1
+
+
+def supervise_plan(args, extra: list[str]) -> list[common.Command]:
+    """What one round of `supervise` runs (its dry run): state, create, setup, the job, its exit statuses."""
+    return (status_commands(args) + create_commands(args) + setup_commands(args)
+            + [ssh(args, "all", foreground_script(args, extra)), exit_status_command(args)])
 
 
 # ---- arguments ---------------------------------------------------------------------------------------------
@@ -155,7 +283,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     """The parser and each subcommand's parser (for errors with that subcommand's usage line)."""
     subs: dict[str, argparse.ArgumentParser] = {}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{create,setup,run,logs,stop,delete}")
+    sub = p.add_subparsers(dest="cmd", required=True,
+                           metavar="{create,setup,run,logs,stop,status,delete,supervise}")
 
     def subcommand(name: str, help: str) -> argparse.ArgumentParser:
         s = subs[name] = sub.add_parser(name, help=help)
@@ -165,25 +294,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         s.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
         return s
 
-    s = subcommand("create", "create the pod slice")
-    s.add_argument("--accelerator", default="v5p-32", help="accelerator type (default v5p-32)")
-    s.add_argument("--version", default="tpu-ubuntu2204-base", help="TPU VM runtime version")
-    s.add_argument("--spot", action="store_true", help="Spot capacity (can be preempted)")
+    def queued_flag(s):
+        s.add_argument("--queued", action="store_true", help="the slice is a queued resource (see create)")
 
-    s = subcommand("setup", "copy this repository to every worker and install it with jax[tpu]")
-    s.add_argument("--repo_dir", default=common.REPO, help="repository to copy (default: this one)")
-    s.add_argument("--python", default="python3.11", help="interpreter for the workers' venv (>= 3.11)")
+    def create_args(s):
+        s.add_argument("--accelerator", default="v5p-32", help="accelerator type (default v5p-32)")
+        s.add_argument("--version", default="tpu-ubuntu2204-base", help="TPU VM runtime version")
+        s.add_argument("--spot", action="store_true", help="Spot capacity (can be preempted)")
+        s.add_argument("--queued", action="store_true",
+                       help="create through a queued resource (waits for capacity; the way to get Spot slices)")
 
-    s = subcommand("run", "start dollar_jax.main on every worker (in the background)")
-    s.add_argument("--config", required=True, help="configs/<file>.py[:variant], relative to the repository")
-    s.add_argument("--workdir", required=True, help="work directory every worker sees (shared storage)")
-    s.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable (repeatable)")
+    def setup_args(s):
+        s.add_argument("--repo_dir", default=common.REPO, help="repository to copy (default: this one)")
+        s.add_argument("--python", default="python3.11", help="interpreter for the workers' venv (>= 3.11)")
+
+    def run_args(s):
+        s.add_argument("--config", required=True, help="configs/<file>.py[:variant], relative to the repository")
+        s.add_argument("--workdir", required=True, help="work directory every worker sees (shared storage)")
+        s.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable (repeatable)")
+
+    create_args(subcommand("create", "create the pod slice"))
+    setup_args(subcommand("setup", "copy this repository to every worker and install it with jax[tpu]"))
+    run_args(subcommand("run", "start dollar_jax.main on every worker (in the background)"))
 
     s = subcommand("logs", "follow ~/dollar.log of one worker")
     s.add_argument("--worker", default="0", help="worker index (default 0) or 'all'")
 
     subcommand("stop", "interrupt dollar_jax.main on every worker")
-    subcommand("delete", "delete the pod slice")
+    queued_flag(subcommand("status", "print the slice's state"))
+    queued_flag(subcommand("delete", "delete the pod slice"))
+
+    s = subcommand("supervise", "create/set up the slice and run the job to its end, restarting after preemptions")
+    create_args(s)
+    setup_args(s)
+    run_args(s)
+    s.add_argument("--setup", action="store_true", help="set the workers up before the first run (a slice the "
+                                                        "supervisor creates is always set up)")
+    s.add_argument("--max_restarts", type=int, default=100, help="give up after this many restarts (default 100)")
+    s.add_argument("--poll_s", type=float, default=60.0, help="seconds between state checks while waiting")
+    s.add_argument("--wait_s", type=float, default=0.0, help="give up waiting for capacity after this long (0: never)")
     return p, subs
 
 
@@ -193,17 +342,19 @@ def parse(argv: list[str]):
     args, unknown = parser.parse_known_args(argv)
     fail = subs[args.cmd].error
     common.check_unknown(unknown, fail)
-    if extra and args.cmd != "run":
+    if extra and args.cmd not in ("run", "supervise"):
         fail(f"'{args.cmd}' takes no extra flags after '--'")
     if not NAME_RE.match(args.name):
         fail(f"--name {args.name!r}: lowercase letters, digits and hyphens, starting with a letter")
-    if args.cmd == "create" and not ACCELERATOR_RE.match(args.accelerator):
+    if args.cmd in ("create", "supervise") and not ACCELERATOR_RE.match(args.accelerator):
         fail(f"--accelerator {args.accelerator!r}: expected a type like v5p-32, v5litepod-16, v6e-64")
-    if args.cmd == "setup" and not os.path.isdir(os.path.join(os.path.abspath(args.repo_dir), ".git")):
+    if args.cmd in ("setup", "supervise") and not os.path.exists(os.path.join(os.path.abspath(args.repo_dir), ".git")):
         fail(f"--repo_dir {args.repo_dir!r} is not the root of a git checkout")
+    if args.cmd == "supervise" and (args.max_restarts < 0 or args.poll_s < 0 or args.wait_s < 0):
+        fail("--max_restarts, --poll_s and --wait_s must not be negative")
     if args.cmd == "logs" and not (args.worker == "all" or args.worker.isdigit()):
         fail(f"--worker {args.worker!r}: a worker index (0, 1, ...) or 'all'")
-    if args.cmd == "run":
+    if args.cmd in ("run", "supervise"):
         args.env = common.parse_env(
             args.env, fail, "on a TPU pod the runtime provides the coordinator and process ids; do not set it")
         common.check_extra(extra, fail)
@@ -219,8 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         "run": lambda: run_commands(args, extra),
         "logs": lambda: logs_commands(args),
         "stop": lambda: stop_commands(args),
+        "status": lambda: status_commands(args),
         "delete": lambda: delete_commands(args),
+        "supervise": lambda: supervise_plan(args, extra),
     }[args.cmd]()
+    if args.cmd == "supervise" and not args.dry_run:
+        return supervise(args, extra)
     rc = common.execute(commands, args.dry_run, run_command)
     if rc == 0 and args.cmd == "run" and not args.dry_run:
         print(f"follow: python launch/tpu_pod.py logs --name {args.name} --zone {args.zone}", file=sys.stderr)

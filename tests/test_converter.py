@@ -180,3 +180,18 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     src = write_checkpoint(str(tmp_path / "src2"), sd)
     assert cli.main(["--src", src, "--dst", str(tmp_path / "dst")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tensors"] == len(sd)
+
+
+
+def test_cli_stays_on_the_host_cpu():
+    # On a TPU worker the converter must not grab the chips: JAX_PLATFORMS=cpu is set before the tool's own
+    # imports load JAX (a platform the user set is kept: os.environ.setdefault).
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_weights.py")
+    probe = (f"import os, runpy, sys; runpy.run_path({tool!r}, run_name='probe'); "
+             "print(os.environ['JAX_PLATFORMS'], 'jax' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["cpu", "True"]  # set, and JAX was imported after it

@@ -249,3 +249,102 @@ def test_gpu_local_processes_wait_and_fail(stand_in):
     r = launch(GPU, *args, env={"FAIL_ID": "1", "SLEEP": "60"})
     assert r.returncode == 3 and "process 1 exited with status 3" in r.stderr
     assert time.monotonic() - t < 20  # the others were stopped, not waited for
+
+
+# ---- restarts after preemption -----------------------------------------------------------------------------
+FAKE_GCLOUD = r'''#!/usr/bin/env python3
+"""gcloud stand-in: logs its argv; `describe` answers the next state of the scenario, the exit-status ssh the
+next list of worker statuses; everything else succeeds."""
+import json, os, sys
+d = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(d, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+path = os.path.join(d, "scenario.json")
+s = json.load(open(path))
+def pop(key):
+    v = s[key][0] if len(s[key]) == 1 else s[key].pop(0)
+    json.dump(s, open(path, "w"))
+    return v
+if "describe" in sys.argv:
+    state = pop("states")
+    print(state)
+    sys.exit(1 if state == "MISSING" else 0)
+if "ssh" in sys.argv and "dollar.exit 2>" in sys.argv[-1]:
+    print("\n".join(map(str, pop("exits"))))
+'''
+
+
+def supervised(tmp_path, states, exits, *args):
+    d = tmp_path / "bin"
+    d.mkdir(parents=True)
+    for name, text in (("gcloud", FAKE_GCLOUD), ("git", "#!/bin/sh\n"), ("tar", "#!/bin/sh\n")):
+        (d / name).write_text(text)
+        (d / name).chmod(0o755)
+    (d / "scenario.json").write_text(__import__("json").dumps({"states": states, "exits": exits}))
+    r = launch(TPU, "supervise", *TPU_ARGS, "--queued", "--spot", "--poll_s", "0", "--config", CONFIG,
+               "--workdir", "gs://b/run", *args, env={"PATH": f"{d}:{os.environ['PATH']}"})
+    calls = [__import__("json").loads(line) for line in (d / "calls.jsonl").read_text().splitlines()]
+    return r, calls
+
+
+def what(argv) -> str:
+    """A short name for a gcloud call: describe, create, delete, scp, setup, job, statuses."""
+    if "ssh" in argv:
+        command = argv[-1]
+        return "statuses" if "dollar.exit 2>" in command else "job" if "dollar_jax.main" in command else "setup"
+    return next(v for v in ("describe", "create", "delete", "scp") if v in argv)
+
+
+def test_tpu_supervise_requeues_a_preempted_spot_slice_and_resumes(tmp_path):
+    r, calls = supervised(tmp_path, ["ACTIVE", "SUSPENDED", "WAITING_FOR_RESOURCES", "ACTIVE"],
+                          [[75, 75], [0, 0]])
+    assert r.returncode == 0, r.stderr
+    assert [what(c) for c in calls] == ["describe", "job", "statuses",  # preempted: both saved and exited 75
+                                        "describe", "delete", "create",  # the suspended Spot slice is queued again
+                                        "describe", "describe", "scp", "setup", "job", "statuses"]
+    delete, create = calls[4], calls[5]
+    assert delete[:4] == ["compute", "tpus", "queued-resources", "delete"] and "--force" in delete
+    assert create[:4] == ["compute", "tpus", "queued-resources", "create"] and "--spot" in create
+    assert calls[1] == calls[10]  # the same command: the job resumes from its checkpoints
+    assert "preempted (restart 1 of 100)" in r.stderr
+
+
+def test_tpu_supervise_stops_on_a_real_failure_and_after_max_restarts(tmp_path):
+    r, calls = supervised(tmp_path / "a", ["ACTIVE"], [[1, 0]])
+    assert r.returncode == 1 and "not restarting" in r.stderr
+    assert [what(c) for c in calls] == ["describe", "job", "statuses", "describe"]
+    r, calls = supervised(tmp_path / "b", ["ACTIVE"], [[75, 75]], "--max_restarts", "1")
+    assert r.returncode == 1 and "after --max_restarts=1" in r.stderr
+    assert [what(c) for c in calls].count("job") == 2
+
+
+def test_tpu_queued_create_status_delete(fake_bin):
+    (create,) = dry(TPU, "create", *TPU_ARGS, "--accelerator", "v6e-64", "--queued", "--spot", path_dir=fake_bin)
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "dollar"]
+    assert {"--node-id=dollar", "--accelerator-type=v6e-64", "--spot"} <= set(create)
+    (status,) = dry(TPU, "status", *TPU_ARGS, "--queued", path_dir=fake_bin)
+    assert status[3:5] == ["queued-resources", "describe"] and "--format=value(state.state)" in status
+    (delete,) = dry(TPU, "delete", *TPU_ARGS, "--queued", path_dir=fake_bin)
+    assert delete[3:5] == ["queued-resources", "delete"] and "--force" in delete
+    assert not (fake_bin / "called").exists()
+
+
+def test_preempted_exit_code_agrees_with_the_package():
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import common
+
+    from dollar_jax.train.preemption import PREEMPTED_EXIT_CODE
+
+    assert common.PREEMPTED_EXIT_CODE == PREEMPTED_EXIT_CODE
+
+
+def test_gpu_restarts_after_preemption(tmp_path):
+    f = tmp_path / "python"  # exits 75 (preempted) on its first two runs, then 0
+    f.write_text(f'#!/bin/sh\necho run >> {tmp_path}/runs\n[ "$(wc -l < {tmp_path}/runs)" -ge 3 ] || exit 75\n')
+    f.chmod(0o755)
+    r = launch(GPU, "--python", str(f), "--max_restarts", "5", "--config", CONFIG, "--workdir", "/w")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs").read_text().count("run") == 3 and "restart 2 of 5" in r.stderr
+    (tmp_path / "runs").unlink()
+    r = launch(GPU, "--python", str(f), "--max_restarts", "1", "--config", CONFIG, "--workdir", "/w")
+    assert r.returncode == 75

@@ -41,3 +41,13 @@ def test_object_store_workdir_is_refused_not_created_locally(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "gcsfuse" in out.stderr
     assert not (tmp_path / "gs:").exists()
+
+
+def test_half_configured_cluster_names_the_missing_setting(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOLLAR_")}
+    out = subprocess.run([sys.executable, "-m", "dollar_jax.main", "--config=configs/world_teacher.py:quick",
+                          f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(env, JAX_PLATFORMS="cpu", DOLLAR_COORDINATOR="10.0.0.2:1234"))
+    assert out.returncode != 0
+    assert "DOLLAR_NUM_PROCESSES, DOLLAR_PROCESS_ID missing" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "data").exists()

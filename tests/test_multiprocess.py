@@ -8,64 +8,25 @@ both write their checkpoint shards; the losses of every step must agree.
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-
-from dollar_jax.data import arrays_dataset
-from dollar_jax.data.latents import latent_spec, save_null_text
+from processes import run, teacher_args, write_random_latents
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("mp_data"))
-    rng = np.random.default_rng(0)
-    latent_shape, text_shape = (4, 8, 8, 16), (8, 32)  # the quick world model's input shapes
-
-    def examples(n):
-        for i in range(n):
-            yield {"latents": rng.standard_normal(latent_shape).astype(np.float32),
-                   "text": rng.standard_normal(text_shape).astype(np.float32), "caption": f"clip {i}"}
-
-    save_null_text(root, "latents", np.zeros(text_shape, np.float32))
-    arrays_dataset.write(root, "latents", latent_spec(latent_shape, text_shape),
-                         {"train": lambda: examples(64), "validation": lambda: examples(8)})
-    return root
+    return write_random_latents(str(tmp_path_factory.mktemp("mp_data")))
 
 
 def _run(workdir, data_dir, processes: int, devices_per_process: int):
-    args = [sys.executable, "-m", "dollar_jax.main", "--config=configs/world_teacher.py:quick", f"--workdir={workdir}",
-            "--config.embedded_world=False", f"--config.data.dir={data_dir}", "--config.data.latents=latents",
-            f"--config.teacher.steps={STEPS}", "--config.teacher.batch_size=8", "--config.log_every_steps=1",
-            "--config.sampling.every_steps=0", f"--config.checkpoint.every_steps={STEPS}",
-            "--config.checkpoint.asynchronous=False", "--config.mesh.fsdp=-1"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-    port = _free_port()
-    procs = []
-    for pid in range(processes):
-        if processes > 1:
-            env = dict(env, DOLLAR_COORDINATOR=f"localhost:{port}", DOLLAR_NUM_PROCESSES=str(processes),
-                       DOLLAR_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
-    return outputs
+    args = teacher_args(workdir, data_dir, STEPS, f"--config.checkpoint.every_steps={STEPS}",
+                        "--config.checkpoint.asynchronous=False")
+    return run(args, processes, devices_per_process)
 
 
 def _losses(workdir):

@@ -142,3 +142,4 @@ def _evaluate(folder, config, workdir):
     adherence = world.adherence(videos, factors, wcfg)
     return {"reward": float(make_reward("vividness")(videos, captions).mean()),
             "adherence": float(np.mean([adherence[f] for f in world.FACTORS]))}
+

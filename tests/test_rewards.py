@@ -89,6 +89,25 @@ def test_labeller_batches_do_not_depend_on_its_speed_and_survive_restore():
         assert (a is None and b is None) or np.array_equal(a, b)
 
 
+def test_labeller_stores_bf16_and_each_text_once():
+    import ml_dtypes
+
+    lab = Labeller(lambda z: z, lambda v, p: v.reshape(len(v), -1).mean(axis=1), lag=1, window=2, seed=0)
+    z = np.arange(4 * 3, dtype=np.float32).reshape(4, 3) / 7  # latents 0, 1 real; 2, 3 the student's
+    text = np.asarray([[10.0], [20.0]], np.float32)  # latent i goes with text i % 2
+    with pytest.raises(ValueError, match="cannot share"):
+        lab.submit(1, z[:3], text, ["a"] * 3)
+    lab.submit(1, z, text, ["a", "b", "a", "b"])
+    state = lab.state()
+    assert state["latents"].dtype == ml_dtypes.bfloat16 and state["latents"].shape == (1, 4, 3)
+    assert state["text"].shape == (1, 2, 1)
+    b = lab.batch(2, 16)
+    for latent, t in zip(b["latents"], b["text"]):
+        row = int(np.argmin(np.abs(z.astype(ml_dtypes.bfloat16).astype(np.float32) - latent).sum(axis=1)))
+        assert t[0] == text[row % 2, 0]
+    lab.close()
+
+
 def test_labeller_reports_a_failing_reward():
     def broken(videos, prompts):
         raise ZeroDivisionError("bad reward")

@@ -1,6 +1,7 @@
 """The generic training loop on a toy regression job: resume, NaN policy, corrupt-checkpoint recovery."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -143,3 +144,70 @@ def test_step_time_data_wait_and_profiler_window(tmp_path):
     bad.profile.update(dict(start_step=0, num_steps=1))
     with pytest.raises(ValueError, match="config.profile"):
         train(toy_job(bad), bad, str(tmp_path / "bad"))
+
+
+def test_sigterm_saves_the_step_in_progress_and_resume_is_exact(tmp_path):
+    """In-process: SIGTERM arrives during step 7 -> checkpoint 7, Preempted; the restart equals an unbroken run.
+
+    The job's host state (a per-step NumPy counter, like the reward labeller's window) comes back too."""
+    import signal
+
+    import ml_dtypes
+
+    from dollar_jax.train.preemption import Preempted
+
+    config = toy_config(total=12, every=100)
+    reference = train(toy_job(config), config, str(tmp_path / "ref"))
+
+    def with_host(job, sigterm_at=None):
+        seen = {"steps": np.zeros(12, np.int32), "mark": np.zeros((2, 3), ml_dtypes.bfloat16)}
+
+        def after_step(done, outputs, raw):
+            seen["steps"][done - 1] = done
+            if done == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled between steps: step 7 completes and is saved
+
+        def restore(host):
+            assert host["mark"].dtype == ml_dtypes.bfloat16
+            seen.update(host)
+
+        job.after_step, job.host_state, job.restore_host_state = after_step, lambda: dict(seen), restore
+        return job, seen
+
+    previous = signal.getsignal(signal.SIGTERM)
+    job, _ = with_host(toy_job(config), sigterm_at=7)
+    with pytest.raises(Preempted, match="step 7"):
+        train(job, config, str(tmp_path / "run"))
+    assert signal.getsignal(signal.SIGTERM) is previous  # handed back after training
+    assert RunCheckpointer(str(tmp_path / "run" / "checkpoints")).steps() == [7]
+    job, seen = with_host(toy_job(config))
+    resumed = train(job, config, str(tmp_path / "run"))
+    assert seen["steps"].tolist() == list(range(1, 13))  # 1-7 restored from the checkpoint, 8-12 run again
+    np.testing.assert_array_equal(_params(resumed), _params(reference))
+    ref_rows = [r["loss"] for r in read_metrics(str(tmp_path / "ref")) if "loss" in r]
+    assert [r["loss"] for r in read_metrics(str(tmp_path / "run")) if "loss" in r] == ref_rows
+
+
+def test_host_state_from_another_number_of_hosts_is_refused_and_kept(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from dollar_jax.checkpoint import CheckpointError
+
+    config = toy_config(total=4, every=4)
+    job = toy_job(config)
+    job.host_state, job.restore_host_state = (lambda: {"x": np.ones(3, np.float32)}), (lambda host: None)
+    train(job, config, str(tmp_path))
+    host = tmp_path / "checkpoints" / "4" / "host"
+    shape = ocp.StandardCheckpointer().metadata(str(host)).item_metadata.tree["x"].shape
+    assert shape == (1, 3)  # [process, ...]: each host's row
+    # Pretend 3 hosts saved it: a resume on 1 host must stop with the reason, leaving the checkpoint in place.
+    shutil.rmtree(host)
+    writer = ocp.StandardCheckpointer()
+    writer.save(str(host), {"x": np.ones((3, 3), np.float32)})
+    writer.wait_until_finished()
+    longer = toy_config(total=6, every=6)
+    job = toy_job(longer)
+    job.host_state, job.restore_host_state = (lambda: {"x": np.ones(3, np.float32)}), (lambda host: None)
+    with pytest.raises(CheckpointError, match="host state of 3 processes; this run has 1"):
+        train(job, longer, str(tmp_path))
+    assert RunCheckpointer(str(tmp_path / "checkpoints")).steps() == [4]

@@ -10,12 +10,18 @@ unexpected or mis-shaped; the error lists them all.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import os
 
-from dollar_jax.convert.safetensors_io import SafetensorsError
-from dollar_jax.convert.wan import LAYOUTS, ConversionError, convert
+# Conversion is host work. On a TPU VM worker, JAX would otherwise take the TPU (and fail if training holds
+# it): use the CPU unless the user chose a platform. Must run before anything imports JAX.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from dollar_jax.convert.safetensors_io import SafetensorsError  # noqa: E402
+from dollar_jax.convert.wan import LAYOUTS, ConversionError, convert  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,13 @@ is. So step s samples only from chunks submitted at steps in (s - lag - window, 
 s - lag if the thread is behind, with an RNG seeded by (seed, s). The thread only appends; chunks older
 than any future step can use are dropped. `state()` (saved with every checkpoint) flushes the queue and
 returns the live chunks; `restore()` puts them back.
+
+Memory: a chunk keeps its latents and text embeddings in bfloat16 (the LRM is a small CNN; bf16 inputs cost
+it nothing measurable) and the text once per clip, however many latents share it (real and student latents
+of one step have the same prompts). At most label_window + label_lag + 1 chunks are live, so per host
+    bytes ~ (window + lag + 1) * rows * (latents_per_row * 2 * prod(latent_shape) + 2 * prod(text_shape) + 8)
+(config.reward documents it for the reward job). Multi-host: every host labels its own rows and keeps its
+own chunks; the checkpoint stores each host's state separately (train/checkpointing.py).
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 
+import ml_dtypes
 import numpy as np
 
 log = logging.getLogger(__name__)
+STORE_DTYPE = ml_dtypes.bfloat16  # latents and text embeddings while they wait in the window
 
 
 class Labeller:
@@ -57,7 +66,8 @@ class Labeller:
                 scores = np.asarray(self.reward(videos, prompts), np.float32)
                 if scores.shape != (len(latents),) or not np.all(np.isfinite(scores)):
                     raise ValueError(f"reward returned {scores.shape} / non-finite values for {len(latents)} clips")
-                chunk = {"latents": latents, "text": np.asarray(text, np.float32), "score": scores}
+                chunk = {"latents": latents.astype(STORE_DTYPE), "text": np.asarray(text).astype(STORE_DTYPE),
+                         "score": scores}
             except BaseException as e:  # noqa: BLE001 - reported to the training thread on its next call
                 with self._done:
                     self._error = e
@@ -74,10 +84,14 @@ class Labeller:
 
     # ---- the training side -----------------------------------------------------------------------------
     def submit(self, step: int, latents, text, prompts: Sequence[str]) -> None:
-        """Queue latents [N, ...] (NumPy or addressable jax arrays), text [N, L, D] and prompts for step `step`."""
+        """Queue latents [N, ...] (NumPy or addressable jax arrays), text [M, L, D] and N prompts for step `step`.
+
+        M divides N: latent i goes with text i % M (the real and the student latents of a step share M texts)."""
         self._raise_if_failed()
         if len(prompts) != len(latents):
             raise ValueError(f"{len(latents)} latents but {len(prompts)} prompts")
+        if len(text) == 0 or len(latents) % len(text):
+            raise ValueError(f"{len(latents)} latents cannot share {len(text)} text rows (latent i uses text i % M)")
         with self._done:
             self._pending.add(int(step))
         self._queue.put((int(step), latents, text, list(prompts)))
@@ -108,13 +122,17 @@ class Labeller:
             self._raise_if_failed()
             for s in [s for s in self._chunks if s <= target - self.window]:
                 del self._chunks[s]  # no step from here on can sample these
-            steps = self._eligible(step)
-            if not steps:
-                return None
-            pool = {k: np.concatenate([self._chunks[s][k] for s in steps]) for k in ("latents", "text", "score")}
+            chunks = [self._chunks[s] for s in self._eligible(step)]
+        if not chunks:
+            return None
+        rows = len(chunks[0]["score"])  # every step submits the same number of rows
         rng = np.random.default_rng([self.seed, step])
-        idx = rng.choice(len(pool["score"]), size=size, replace=len(pool["score"]) < size)
-        return {k: v[idx] for k, v in pool.items()}
+        total = rows * len(chunks)
+        idx = rng.choice(total, size=size, replace=total < size)
+        which, row = np.divmod(idx, rows)
+        pick = lambda key, r: np.stack([chunks[c][key][i] for c, i in zip(which, r)]).astype(np.float32)
+        return {"latents": pick("latents", row), "score": pick("score", row),
+                "text": pick("text", row % len(chunks[0]["text"]))}
 
     def flush(self) -> None:
         """Wait until everything submitted is labelled (or raise the worker's error)."""
@@ -124,21 +142,28 @@ class Labeller:
             self._raise_if_failed()
 
     def state(self) -> dict:
-        """Every live labelled chunk, after finishing the queued work: {"steps": [...], "chunks": {"<s>": {...}}}."""
+        """Every live labelled chunk, after finishing the queued work, stacked by source step:
+        {"steps": [K], "latents": [K, N, ...], "text": [K, M, L, D], "score": [K, N]} (only "steps" when K = 0).
+
+        The same shapes on every host (same steps, same rows per host): train/checkpointing.py stores each
+        host's copy as its row of an array with a process axis."""
         self.flush()
         with self._done:
-            live = {s: c for s, c in self._chunks.items() if c is not None}
+            live = sorted(s for s, c in self._chunks.items() if c is not None)
             # Skipped steps are saved too: a resumed step waiting for one of them must not wait forever.
-            out = {"steps": np.asarray(sorted(live), np.int64),
-                   "skipped": np.asarray(sorted(s for s, c in self._chunks.items() if c is None), np.int64)}
-            if live:
-                out["chunks"] = {str(s): dict(chunk) for s, chunk in live.items()}
+            out = {"steps": np.asarray(live, np.int32),
+                   "skipped": np.asarray(sorted(s for s, c in self._chunks.items() if c is None), np.int32)}
+            for key in ("latents", "text", "score") if live else ():
+                out[key] = np.stack([self._chunks[s][key] for s in live])
         return out
 
     def restore(self, state: dict) -> None:
+        steps = np.asarray(state["steps"]).tolist()
         with self._done:
-            self._chunks = {int(s): {k: np.asarray(state["chunks"][str(int(s))][k]) for k in ("latents", "text", "score")}
-                            for s in np.asarray(state["steps"]).tolist()}
+            self._chunks = {int(s): {"latents": np.asarray(state["latents"][i]).astype(STORE_DTYPE),
+                                     "text": np.asarray(state["text"][i]).astype(STORE_DTYPE),
+                                     "score": np.asarray(state["score"][i], np.float32)}
+                            for i, s in enumerate(steps)}
             self._chunks.update({int(s): None for s in np.asarray(state.get("skipped", [])).tolist()})
 
     def close(self) -> None:

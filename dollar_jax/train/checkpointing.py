@@ -1,10 +1,15 @@
 """Orbax checkpoints of a whole run: train state, input-pipeline position, config.
 
-Layout: <workdir>/checkpoints/<step>/{state, data, config}. Saves are asynchronous (training continues
+Layout: <workdir>/checkpoints/<step>/{state, data, config, host}. Saves are asynchronous (training continues
 while arrays are written; Orbax writes into a temporary folder and renames it when complete, so a process
 killed mid-save leaves no half-checkpoint behind). On restore the newest step is tried first; one that
 cannot be read (truncated or corrupt files) is moved aside to <step>.corrupt - never deleted - with a
 warning, and the next older one is used.
+
+Host state (NumPy trees a job keeps beside the device state, e.g. the reward labeller's window) differs per
+host: each host saves its tree as its row of arrays with a leading process axis, sharded over the processes,
+so every host writes and later reads only its own row (Orbax would otherwise save host 0's NumPy for all).
+Every host's tree must have the same structure and shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dollar_jax.checkpoint import CheckpointError, check_compatible
 
@@ -44,7 +50,7 @@ class RunCheckpointer:
         items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                      config=ocp.args.JsonSave(config))
         if host is not None:
-            items["host"] = ocp.args.StandardSave(host)
+            items["host"] = ocp.args.StandardSave(host_to_global(host))
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
@@ -72,11 +78,14 @@ class RunCheckpointer:
             try:
                 items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
                 if with_host:
-                    items["host"] = ocp.args.StandardRestore()
+                    items["host"] = ocp.args.StandardRestore(host_target(os.path.join(self.directory, str(step),
+                                                                                      "host")))
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
                 jax.block_until_ready(restored.state)
-                host = jax.tree.map(np.asarray, restored.host) if with_host else None
+                host = own_row(restored.host) if with_host else None
                 return restored.state, dict(restored.data), host, step
+            except CheckpointError:
+                raise  # readable, but not for this run (e.g. another number of hosts): stop, keep it
             except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on corrupt data
                 self._quarantine(step, e)
 
@@ -93,3 +102,34 @@ class RunCheckpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# ---- per-host state ---------------------------------------------------------------------------------------
+def _process_sharding() -> NamedSharding:
+    """Axis 0 over the processes (each process's devices hold its row, replicated among them)."""
+    rows = [[d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())]
+    return NamedSharding(Mesh(np.array(rows), ("process", "local")), PartitionSpec("process"))
+
+
+def host_to_global(host: dict) -> dict:
+    """This host's NumPy tree -> arrays [process_count, ...] whose row process_index() is this tree."""
+    sharding = _process_sharding()
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+        sharding, np.asarray(a)[None], (jax.process_count(), *np.shape(a))), host)
+
+
+def host_target(path: str) -> dict:
+    """Restore targets for a saved host item: the saved shapes, this run's process sharding."""
+    saved = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    sharding = _process_sharding()
+    leaves = jax.tree.leaves(saved)
+    if leaves and leaves[0].shape[0] != jax.process_count():
+        raise CheckpointError(f"{path} holds host state of {leaves[0].shape[0]} processes; this run has "
+                              f"{jax.process_count()} (resume host-side state, e.g. the reward labeller, on "
+                              "as many hosts as saved it)")
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved)
+
+
+def own_row(tree: dict) -> dict:
+    """This host's row of host_to_global's arrays, as (writable) NumPy."""
+    return jax.tree.map(lambda a: np.array(a.addressable_shards[0].data[0]), tree)

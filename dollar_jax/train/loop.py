@@ -23,6 +23,7 @@ from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.rules import axis_rules
 from dollar_jax.train.checkpointing import RunCheckpointer
 from dollar_jax.train.flops import peak_flops, utilisation
+from dollar_jax.train.preemption import Preempted, PreemptionWatch
 from dollar_jax.train.state import Role, TrainState, init_state, state_shardings
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                 window = []
 
     profile = Profiler(os.path.join(workdir, "profile"), config.profile.start_step, config.profile.num_steps)
+    watch = PreemptionWatch()  # from here on SIGTERM means "save this step and stop"
     try:
         for step in range(start, job.total_steps):
             profile.before(step + 1)
@@ -229,7 +231,8 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             outputs = metrics.pop("_outputs", None)
             pending.append((done, metrics, outputs, raw))
             report(done)
-            save_now = done == job.total_steps or (every_ckpt and done % every_ckpt == 0)
+            preempted = watch.reached(done)  # every host asks at every step: they agree on the step
+            save_now = done == job.total_steps or (every_ckpt and done % every_ckpt == 0) or preempted
             drain(upto_all=save_now)
             # Evaluate before saving: host state the evaluation changes (the L_FT gate) belongs to this checkpoint.
             if job.on_sample and job.sample_every and done % job.sample_every == 0 and done < job.total_steps:
@@ -237,6 +240,10 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             if save_now:
                 host = job.host_state() if job.host_state is not None else None
                 ckpt.save(done, state, data_iter.get_state(), {"config": config_json}, host)
+            if preempted and done < job.total_steps:
+                ckpt.wait()
+                log.warning("[%s] preempted: saved step %d of %d", job.name, done, job.total_steps)
+                raise Preempted(done)
             now = time.perf_counter()
             if done == start + 1:
                 jax.block_until_ready(state)
@@ -254,6 +261,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             writer.write_scalars(job.total_steps, job.on_sample(state, job.total_steps))
     finally:
         profile.close()
+        watch.close()
         ckpt.close()
         writer.flush()
         if job.close:

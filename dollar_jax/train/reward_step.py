@@ -53,12 +53,10 @@ class RewardPart:
     # ---- host side ---------------------------------------------------------------------------------------
     def start_labeller(self, config, autoencoder_dir: str = "") -> None:
         """Start the labeller thread: decode with config.reward.decoder (the world's autoencoder at
-        `autoencoder_dir`, or the Wan VAE) and score with config.reward.name."""
-        if jax.process_count() > 1:
-            # Each host labels its own rows, but checkpoints keep host state (NumPy) from process 0 only, so a
-            # multi-host resume would hand every host host 0's labels. Refuse rather than resume wrongly.
-            raise NotImplementedError("Latent reward fine-tuning runs on one host (any number of local devices) "
-                                      "for now; multi-host labeller state is not checkpointed per host.")
+        `autoencoder_dir`, or the Wan VAE) and score with config.reward.name.
+
+        Several hosts: each labels the rows it read (its part of every global batch) and trains the LRM on
+        its own labelled rows; the checkpoint keeps every host's labeller state apart (train/checkpointing.py)."""
         r = config.reward
         decode = make_decoder(r.decoder, autoencoder_dir=autoencoder_dir, vae_path=r.vae_path)
         self.labeller = Labeller(decode, reward_from_config(config), lag=r.label_lag, window=r.label_window,
@@ -108,18 +106,19 @@ class RewardPart:
     def after_step(self, done: int, outputs: dict | None, raw_batch: dict) -> None:
         """Send the real latents and the student's x0 predictions of step `done` to the labeller. The loop calls
         this once the step is known finite, with `outputs` None when it was not (skipped: nothing to label);
-        rows with non-finite latents are dropped, so the labeller never decodes NaNs."""
+        a step with any non-finite latent is skipped too, so the labeller never decodes NaNs."""
         if outputs is None:
             self.labeller.skip(done)
             return
         prompts = [c.decode() if isinstance(c, bytes) else str(c) for c in raw_batch["caption"]]
         latents = np.concatenate([np.asarray(raw_batch["latents"], np.float32), local(outputs["student_x0"])])
-        text = np.concatenate([raw_batch["text"], raw_batch["text"]])
-        ok = np.all(np.isfinite(latents.reshape(len(latents), -1)), axis=1)
-        if not ok.any():
+        if not np.all(np.isfinite(latents)):
+            # Never decode NaNs. The whole step is skipped rather than some rows, since every step keeps the same
+            # rows (text row i % rows; the checkpoint stacks the window by step).
             self.labeller.skip(done)
             return
-        self.labeller.submit(done, latents[ok], text[ok], [p for p, k in zip(prompts + prompts, ok) if k])
+        # Both halves share the batch's text rows (latent i uses text i % rows): stored once.
+        self.labeller.submit(done, latents, np.asarray(raw_batch["text"]), prompts + prompts)
 
     # ---- device side (pure) --------------------------------------------------------------------------------
     def lrm_update(self, params, opt_state, batch):

@@ -1,0 +1,68 @@
+"""Latent reward fine-tuning across 2 jax.distributed processes on CPU: each host labels its own rows and
+keeps its labeller window; the checkpoint holds both windows (the host item's process axis), and a resume
+replays the same steps exactly.
+
+The world here is only a working prerequisite (a few autoencoder and teacher steps): what is tested is the
+multi-host bookkeeping, not quality (tests/test_reward_finetune.py covers that on the trained world)."""
+
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from processes import run as run_processes
+from world_fixture import world_test_config
+
+from dollar_jax.train.flops import is_throughput_metric
+from dollar_jax.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from dollar_jax.main import run_job
+
+    workdir = str(tmp_path_factory.mktemp("tiny_world"))
+    config = world_test_config(workdir, **{"world.num_train": 64, "world.num_val": 16, "autoencoder.steps": 10,
+                                           "teacher.steps": 4, "teacher.batch_size": 8})
+    run_job(config, workdir)
+    return config
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in r.items() if not is_throughput_metric(k)} for r in read_metrics(run_dir)
+            if "loss_generator" in r]
+
+
+def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(tiny_world, tmp_path):
+    config, run = tiny_world, str(tmp_path / "run")
+    args = [sys.executable, "-m", "dollar_jax.main", "--config=configs/world_distill.py:quick", f"--workdir={run}",
+            "--config.embedded_world=False", f"--config.data.dir={config.data.dir}",
+            f"--config.autoencoder.dir={config.autoencoder.dir}", f"--config.distill.teacher={config.teacher.dir}",
+            "--config.distill.steps=6", "--config.distill.batch_size=8", "--config.distill.fake_updates=1",
+            "--config.reward.enabled=True", "--config.reward.name=colourfulness", "--config.reward.lrm_batch_size=8",
+            "--config.reward.label_lag=2", "--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
+            "--config.checkpoint.keep=5", "--config.sampling.every_steps=0", "--config.mesh.fsdp=-1",
+            "--config.compilation_cache="]  # see test_preemption.py: no cache across processes on a loaded CPU
+    run_processes(args, processes=2, devices_per_process=2)
+    run_dir = os.path.join(run, "runs", "student")
+    rows = _rows(run_dir)
+    assert [r["lrm_active"] for r in rows] == [0, 0, 1, 1, 1, 1]  # lag 2: step 3 trains on step 1's labels
+
+    host = os.path.join(run_dir, "checkpoints", "4", "host")
+    saved = ocp.StandardCheckpointer().metadata(host).item_metadata.tree
+    assert saved["latents"].shape[:2] == (2, 4)  # [host, live steps 1-4, ...]
+    arrays = ocp.StandardCheckpointer().restore(host, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved))
+    np.testing.assert_array_equal(arrays["steps"], [[1, 2, 3, 4], [1, 2, 3, 4]])
+    assert not np.array_equal(arrays["latents"][0], arrays["latents"][1])  # each host its own rows
+
+    # Resume from step 4 (with both windows): steps 5 and 6 must come out the same.
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "6"))
+    shutil.rmtree(os.path.join(run, "student"))  # the exported model: with it the job counts as done
+    outputs = run_processes(args, processes=2, devices_per_process=2)
+    assert "resumed from step 4" in outputs[0], outputs[0][-2000:]
+    assert _rows(run_dir) == rows
