@@ -2,6 +2,7 @@
 the context axis, tokens padded for the context axis (no replication), and replication never silent.
 
 16-device checks run in one subprocess (conftest fixes this process at 8 virtual devices); see slice_checks.py.
+Every check that compiles the whole distillation step is marked slow (each compile is tens of seconds on CPU).
 """
 
 import json
@@ -16,6 +17,7 @@ import pytest
 from dollar_jax.config import validate
 from dollar_jax.data.pipeline import resolve_global_batch, with_global_batch
 from dollar_jax.parallel import make_mesh
+from dollar_jax.parallel import sharding
 from dollar_jax.parallel.sharding import fitted_spec
 from slice_checks import ROOT, distill_step, wan_config
 
@@ -56,6 +58,7 @@ def test_shipped_config_validates_and_resolves_per_mesh():
 @needs_8
 def test_replication_is_logged_once_with_its_cost(caplog):
     m = make_mesh({"fsdp": 2, "context": 4})
+    sharding._warned.clear()  # warnings are once per process: forget earlier tests' ones
     with caplog.at_level(logging.WARNING, logger="dollar_jax.parallel.sharding"):
         spec = fitted_spec((3, 30, 8), ("act_batch", "act_length", "act_embed"), m)
         fitted_spec((3, 30, 8), ("act_batch", "act_length", "act_embed"), m)
@@ -67,6 +70,7 @@ def test_replication_is_logged_once_with_its_cost(caplog):
     assert any("act_batch 3 not divisible by fsdp=2: replicated 2x" in m for m in messages), messages
 
 
+@pytest.mark.slow
 @needs_8
 @pytest.mark.parametrize("devices", [1, 8])
 def test_local_config_one_step(devices):
@@ -78,39 +82,6 @@ def test_local_config_one_step(devices):
     assert not out["replicated"], out["replicated"]
 
 
-@pytest.fixture(scope="module")
-def sixteen_devices():
-    """Run slice_checks.py on 16 virtual devices; one subprocess for every check (JAX starts once)."""
-
-    def run(*checks, timeout=900):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=16")
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "slice_checks.py"), *checks], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        assert r.returncode == 0, r.stderr[-3000:]
-        results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-        assert [x["check"] for x in results] == list(checks) and all(x["devices"] == 16 for x in results)
-        return {x["check"]: x for x in results}
-
-    return run
-
-
-def test_sixteen_devices_pad_tokens_and_fit_the_shipped_config(sixteen_devices):
-    out = sixteen_devices("padded_context_16", "local_compile", "local_fewer_clips")
-    pad = out["padded_context_16"]
-    # 18 tokens on context=16: padded to 32 (2 per device) instead of replicated 16x, same loss and gradients.
-    assert (pad["tokens"], pad["padded_tokens"]) == (18, 32)
-    assert pad["loss"] == pytest.approx(pad["ref_loss"], rel=1e-5)
-    assert pad["grad_rel_err"] < 1e-3, pad
-    assert not pad["replicated"], pad["replicated"]
-    local = out["local_compile"]  # shipped defaults: fsdp=16, batch 16
-    assert local["mesh"]["fsdp"] == 16 and local["batch"] == 16 and not local["replicated"]
-    assert local["argument_bytes"] < local["state_bytes"] / 4  # the state is split, not replicated
-    fewer = out["local_fewer_clips"]  # batch 2 over fsdp=2 x context=8
-    assert fewer["batch"] == 2 and fewer["mesh"]["context"] == 8 and not fewer["replicated"]
-    # parameters split over (fsdp, context): the same per-device state as fsdp=16
-    assert fewer["argument_bytes"] < local["state_bytes"] / 4
-
-
 @pytest.mark.slow
 @needs_8
 def test_wan13b_compiles_abstractly_on_8_devices():
@@ -120,7 +91,31 @@ def test_wan13b_compiles_abstractly_on_8_devices():
 
 
 @pytest.mark.slow
-def test_wan13b_compiles_abstractly_on_16_devices(sixteen_devices):
-    out = sixteen_devices("1.3b_compile", timeout=1800)["1.3b_compile"]
-    assert out["mesh"]["fsdp"] == 16 and out["batch"] == 16 and not out["replicated"], out
-    assert out["argument_bytes"] < out["state_bytes"] / 8
+def test_sixteen_devices():
+    """Every 16-device check in one subprocess (JAX starts once; conftest fixes this process at 8 devices)."""
+    checks = ("padded_context_16", "local_compile", "local_fewer_clips", "1.3b_compile")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=16")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "slice_checks.py"), *checks], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=1800, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = {x["check"]: x for x in map(json.loads, (line for line in r.stdout.splitlines() if line.startswith("{")))}
+    assert list(out) == list(checks) and all(x["devices"] == 16 for x in out.values())
+
+    pad = out["padded_context_16"]
+    # 18 tokens on context=16: padded to 32 (2 per device) instead of replicated 16x, same loss and gradients.
+    assert (pad["tokens"], pad["padded_tokens"]) == (18, 32)
+    assert pad["loss"] == pytest.approx(pad["ref_loss"], rel=1e-5)
+    assert pad["grad_rel_err"] < 1e-3, pad
+    assert not pad["replicated"], pad["replicated"]
+
+    local = out["local_compile"]  # wan21_distill.py:local as shipped: fsdp=16, batch resolved to 16
+    assert local["mesh"]["fsdp"] == 16 and local["batch"] == 16 and not local["replicated"]
+    assert local["argument_bytes"] < local["state_bytes"] / 4  # the state is split, not replicated
+
+    fewer = out["local_fewer_clips"]  # batch 2 on 16 devices: fsdp=2 x context=8
+    assert fewer["batch"] == 2 and fewer["mesh"]["context"] == 8 and not fewer["replicated"]
+    assert fewer["argument_bytes"] < local["state_bytes"] / 4  # parameters split over (fsdp, context) too
+
+    big = out["1.3b_compile"]  # wan21_distill.py:1.3b as shipped: fsdp=16, batch 16, 81 frames 480p
+    assert big["mesh"]["fsdp"] == 16 and big["batch"] == 16 and not big["replicated"], big
+    assert big["argument_bytes"] < big["state_bytes"] / 8
