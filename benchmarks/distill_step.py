@@ -2,7 +2,7 @@
 """Time the whole DOLLAR distillation step (generator + fake-score updates [+ LRM]) and report MFU per role.
 
     python benchmarks/distill_step.py --config=configs/wan21_distill.py:1.3b --config.distill.batch_size=1 \\
-        --config.model.attention=cudnn --config.mesh.fsdp=1          # one GPU: 81 frames 480p, batch 1
+        --config.mesh.fsdp=1          # one GPU (attention "auto": cuDNN): 81 frames 480p, batch 1
     python benchmarks/distill_step.py --config=configs/wan21_distill.py:local --config.mesh.fsdp=1   # CPU smoke
     # a restart's compile: run twice with the same cache folder (first cold, then loaded from the cache)
     python benchmarks/distill_step.py --config=... --compilation_cache=/tmp/cc
@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from dollar_jax.config import dit_config
 from dollar_jax.train.dollar_step import step_flops
 from dollar_jax.models.dit import WanDiT
+from dollar_jax.data.pipeline import with_global_batch
 from dollar_jax.parallel import axis_rules, make_mesh
 from dollar_jax.train.planner import abstract_distill_step
 from dollar_jax.train.flops import peak_flops, utilisation
@@ -47,6 +48,7 @@ def main(_):
     dit = dit_config(config)
     latent_shape, text_shape = tuple(config.data.latent_shape), tuple(config.data.text_shape)
     mesh = make_mesh(dict(config.mesh))
+    config = with_global_batch(config, "distill", dict(zip(mesh.axis_names, mesh.devices.shape)))  # -1: per shard
     with jax.set_mesh(mesh), axis_rules(list(config.sharding_rules) if config.sharding_rules else None):
         planned = abstract_distill_step(config, dit, mesh)  # the trainer's step, jitted as the trainer jits it
         step, sharding_of = planned.step, lambda tree: jax.tree.map(lambda a: a.sharding, tree)

@@ -11,12 +11,15 @@
 Variants: "1.3b" (default), "14b", and "local": the same recipe on a tiny DiT and short clips, for a CPU
 smoke run or for planning on a laptop. Add ",reward" for DOLLAR's latent reward fine-tuning.
 
-Defaults: bf16 compute with fp32 master weights, every block rematerialised, splash attention (TPU; on GPU pass
---config.model.attention=cudnn), one 81-frame 480p clip per data-parallel shard as in the paper (8 A100s,
-batch 1 per GPU, FSDP, gradient checkpointing, bf16). The meshes (1.3B: FSDP over all devices; 14B: FSDP x
-context=4) were chosen from the earlier XLA:CPU plans, which overstate memory (BENCHMARKS.md): check them
-with the XLA:TPU planner above, and see BENCHMARKS.md for the lean-state switches (bf16 moments, fake score
-and EMA; per-update NaN guards) when memory is short.
+Defaults chosen with tools/plan_memory.py (BENCHMARKS.md): bf16 compute with fp32 master weights, every
+block rematerialised, attention "auto" (splash on TPU, cuDNN on GPU, xla on CPU: no edit per backend), one
+81-frame 480p clip per batch shard as in the paper (8 A100s, batch 1 per GPU, FSDP, gradient checkpointing,
+bf16): distill.batch_size=-1 resolves the global batch from the mesh at start-up, so the same config runs on
+any slice size. For fewer clips than devices set the batch and give the rest of the devices to the context
+axis, e.g. 8 devices, batch 2: --config.distill.batch_size=2 --config.mesh.fsdp=2 --config.mesh.context=4.
+The lean-state switches (bf16 moments, fake score and EMA; per-update NaN guards) are in BENCHMARKS.md for
+when memory is short; check a mesh with the XLA:TPU planner (tools/plan_memory.py --topology=...) before
+renting it: the meshes below were chosen from the earlier XLA:CPU plans, which overstate memory.
 """
 
 from dollar_jax.config import _dit_defaults, base_config, variant_flags
@@ -34,12 +37,12 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.job, c.embedded_world = "distill", False
     c.model = _dit_defaults(SIZES[size])
-    c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention="splash"))
+    c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention="auto"))
     c.diffusion.update(dict(schedule="flow", prediction_type="flow", flow_shift=3.0))  # what the converter records
     c.data.update(dict(latents="latents", latent_shape=(21, 60, 104, 16), text_shape=(512, 4096)))
     c.mesh.update(dict(data=1, fsdp=-1, context=1, tensor=1))
     c.distill.update(dict(
-        steps=3000, batch_size=8, teacher_dtype="bfloat16",
+        steps=3000, batch_size=-1, batch_per_shard=1, teacher_dtype="bfloat16",
         # Nominal grid; the flow schedule's shift (diffusion.flow_shift) warps it, and every VSD / fake-score
         # timestep draw, to where Wan's sampler puts them (FastVideo's DMD on Wan does the same).
         student_timesteps=(999.0, 749.0, 499.0, 249.0),
@@ -56,10 +59,11 @@ def get_config(arg: str | None = None):
     if size == "14b":
         c.mesh.update(dict(fsdp=-1, context=4))  # 32760 tokens per clip: split them 4 ways as well
     if size == "local":
-        c.model.update(dict(attention="xla", dtype="float32", num_layers=2, in_channels=16, out_channels=16,
-                            text_dim=4096))
+        # Width 2 x 16 = 32 splits over up to 32 devices (parameters shard over fsdp x context).
+        c.model.update(dict(dtype="float32", num_layers=2, in_channels=16, out_channels=16, text_dim=4096,
+                            attention_head_dim=16))
         c.data.update(dict(latent_shape=(5, 8, 8, 16), text_shape=(16, 4096)))
-        c.distill.update(dict(batch_size=8, fake_updates=2, steps=20))
+        c.distill.update(dict(fake_updates=2, steps=20))
         c.checkpoint.every_steps = 10
         c.log_every_steps = 2
     if "reward" in flags:

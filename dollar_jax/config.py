@@ -113,7 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     # DOLLAR distillation (dollar_jax/jobs/distill.py). Architecture and parameterisation come from the
     # teacher folder; config.model only contributes numerics (dtype, param_dtype, remat_policy, attention).
     c.distill = ml_collections.ConfigDict(dict(
-        steps=600, batch_size=16,
+        # Global batch; -1: batch_per_shard clips on every batch shard (data x fsdp mesh axes), resolved at
+        # start-up from the mesh, so one config fits any slice. A batch the shards do not divide is an error
+        # naming the values that work (fewer clips than devices: put the rest on the context axis).
+        steps=600, batch_size=16, batch_per_shard=1,
         # DMD2's Adam(b1 = 0); rates measured on the embedded world (BENCHMARKS.md); real teachers want ~1e-5.
         optim=optimizer(learning_rate=1e-4, warmup_steps=0, decay="constant", b1=0.0, b2=0.999),  # the student
         fake_optim=optimizer(learning_rate=2e-4, warmup_steps=0, decay="constant", b1=0.0, b2=0.999),
@@ -271,10 +274,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.distill[key] not in ("", "float32", "bfloat16"):
             raise ValueError(f"config.distill.{key} must be '', 'float32' or 'bfloat16', got {config.distill[key]!r}")
     for stage in ("autoencoder", "world_encoder", "teacher", "distill"):
-        if config[stage].batch_size <= 0 or config[stage].steps <= 0:
-            raise ValueError(f"config.{stage}.batch_size and config.{stage}.steps must be positive")
+        fill = stage == "distill" and config[stage].batch_size == -1 and config[stage].batch_per_shard >= 1
+        if (config[stage].batch_size <= 0 and not fill) or config[stage].steps <= 0:
+            raise ValueError(f"config.{stage}.batch_size and config.{stage}.steps must be positive"
+                             + (" (distill.batch_size may be -1: batch_per_shard clips per batch shard)"
+                                if stage == "distill" else ""))
     k = config.distill.repeat_captions
-    if k < 1 or config.distill.batch_size % k:
+    if k < 1 or (config.distill.batch_size > 0 and config.distill.batch_size % k):
         raise ValueError(f"config.distill.repeat_captions={k} must be >= 1 and divide "
                          f"config.distill.batch_size={config.distill.batch_size}")
 

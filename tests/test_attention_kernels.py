@@ -4,6 +4,8 @@ CPU runs the reference, the Pallas splash kernel through the Pallas interpreter,
 path (tokens split over the `context` axis of 8 virtual devices, keys/values all-gathered per layer).
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from flax import nnx
 from dollar_jax.models import WanDiT, preset
 from dollar_jax.models.attention import attention, local_attention, splash_attention, xla_attention
 from dollar_jax.models.layers import logical_axes
-from dollar_jax.parallel import make_mesh, tree_shardings
+from dollar_jax.parallel import make_mesh, sharding, tree_shardings
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 
@@ -68,7 +70,8 @@ def dit_and_inputs():
     keys = iter(jax.random.split(jax.random.key(1), 100))
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), nnx.to_pure_dict(state))
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 4, 8, 8, cfg.in_channels)).astype(np.float32)  # 4*4*4 = 64 tokens
+    # 3*3*3 = 27 tokens: the context axis of 4 does not divide them, so the DiT pads to 28 and masks the pad.
+    x = rng.standard_normal((2, 3, 6, 6, cfg.in_channels)).astype(np.float32)
     t = np.asarray([100.0, 700.0], np.float32)
     text = rng.standard_normal((2, 5, cfg.text_dim)).astype(np.float32)
     return cfg, graphdef, params, logical_axes(state), (x, t, text)
@@ -83,15 +86,70 @@ def _loss_and_grad(graphdef):
 
 @needs_8
 @pytest.mark.parametrize("kernel", ["xla", "splash_interpret"])
-def test_context_parallel_dit_equals_unsharded(dit_and_inputs, kernel):
+def test_context_parallel_dit_equals_unsharded(dit_and_inputs, kernel, caplog):
     cfg, graphdef, params, axes, (x, t, text) = dit_and_inputs
     ref_loss, ref_grads = _loss_and_grad(graphdef)(params, x, t, text)
     graphdef_k, _ = nnx.split(nnx.eval_shape(lambda: WanDiT(cfg.replace(attention=kernel), rngs=nnx.Rngs(0))))
     mesh = make_mesh({"context": 4, "tensor": 2})
-    with jax.set_mesh(mesh):
+    sharding._warned.clear()
+    with jax.set_mesh(mesh), caplog.at_level(logging.WARNING, logger="dollar_jax.parallel.sharding"):
         placed = jax.device_put(params, tree_shardings(mesh, params, axes))
         loss, grads = _loss_and_grad(graphdef_k)(placed, x, t, text)
+    assert not [r for r in caplog.records if "act_length" in r.getMessage()]  # padded, not replicated
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     flat, ref_flat = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
     for g, r in zip(flat, ref_flat):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-4)
+
+
+# ---- padding masks, kernel choice, cuDNN ---------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", ["xla", "splash_interpret"])
+def test_padded_keys_get_no_weight(kernel):
+    # The DiT pads tokens to a multiple of the context axis; the kernels must ignore keys from kv_valid on.
+    q, k, v = _qkv(1, 40, 48)
+    junk = jnp.full_like(k[:, 40:], 50.0)  # large padding values: any leak would show
+    k_pad, v_pad = k.at[:, 40:].set(junk), v.at[:, 40:].set(junk)
+    got = jax.jit(lambda q, k, v: local_attention(q, k, v, kernel, kv_valid=40))(q, k_pad, v_pad)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xla_attention(q, k[:, :40], v[:, :40])), atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_auto_picks_the_backend_kernel(monkeypatch):
+    from dollar_jax.models import attention as attn
+
+    assert attn.resolve_kernel("auto", jnp.float32, 16) == "xla"  # this machine: CPU
+    for backend, dtype, head_dim, want in (("tpu", jnp.float32, 128, "splash"), ("gpu", jnp.bfloat16, 128, "cudnn"),
+                                          ("gpu", jnp.float32, 128, "xla"), ("gpu", jnp.bfloat16, 12, "xla"),
+                                          ("cpu", jnp.bfloat16, 128, "xla")):
+        monkeypatch.setattr(attn.jax, "default_backend", lambda b=backend: b)
+        assert attn.resolve_kernel("auto", dtype, head_dim) == want, (backend, dtype, head_dim)
+        assert attn.resolve_kernel("xla", dtype, head_dim) == "xla"  # an explicit choice is kept
+    with pytest.raises(ValueError, match="bfloat16/float16"):
+        attn.check_cudnn_inputs(jnp.zeros((1, 8, 2, 16), jnp.float32))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU backend")
+@pytest.mark.parametrize("head_dim,kv_valid", [(128, None), (64, 250), (128, 300)])
+def test_cudnn_matches_xla(head_dim, kv_valid):
+    # What the DiT sends on a GPU: BTNH bf16, Wan's head_dim 128, token counts that are no multiple of
+    # anything, padded keys masked by sequence length. Reference: XLA attention (float32 softmax) on the
+    # same bf16 inputs.
+    q, k, v = (a.astype(jnp.bfloat16) for a in _qkv(2, 300, 300, heads=4, head_dim=head_dim, seed=3))
+    weights = jax.random.normal(jax.random.key(4), q.shape, jnp.float32)
+
+    def loss(kernel):
+        return lambda q, k, v: jnp.sum(local_attention(q, k, v, kernel, kv_valid).astype(jnp.float32) * weights)
+
+    for kernel in ("cudnn", "auto"):
+        out = jax.jit(lambda q, k, v: local_attention(q, k, v, kernel, kv_valid))(q, k, v)
+        ref = jax.jit(lambda q, k, v: local_attention(q, k, v, "xla", kv_valid))(q, k, v)
+        assert out.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
+    hlo = jax.jit(loss("cudnn")).lower(q, k, v).compile().as_text()
+    assert "cudnn" in hlo.lower()  # the fused kernel ran, not a fallback
+    got = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        scale = np.abs(w).max()
+        np.testing.assert_allclose(g / scale, w / scale, atol=3e-2)

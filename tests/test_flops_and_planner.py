@@ -38,6 +38,7 @@ def test_dit_forward_flops_match_xla(latent, text_len):
 
 def test_step_flops_follow_the_recipe():
     config = _config("local")
+    config.distill.batch_size = 8  # the shipped -1 is resolved from the mesh by the job and the planner
     cfg = preset("tiny", in_channels=16, out_channels=16, text_dim=4096)
     shape = tuple(config.data.latent_shape)
     forward = dit_forward_flops(cfg, shape, 16, config.distill.batch_size)

@@ -9,8 +9,9 @@ from jax.sharding import PartitionSpec as P
 
 from dollar_jax.models import WanDiT, preset
 from dollar_jax.models.layers import logical_axes
-from dollar_jax.parallel import axis_rules, logical_to_spec, make_mesh, tree_shardings
+from dollar_jax.parallel import axis_rules, make_mesh, tree_shardings
 from dollar_jax.parallel.mesh import resolve_mesh_shape
+from dollar_jax.parallel.sharding import mesh_spec
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 
@@ -59,28 +60,33 @@ def test_context_axis_sharding_equals_single_device(model_and_inputs):
 
 def test_parameter_shardings_follow_the_rules(model_and_inputs):
     graphdef, params, axes, _ = model_and_inputs
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = make_mesh({"fsdp": 2, "context": 2, "tensor": 2})
     placed = jax.device_put(params, tree_shardings(mesh, params, axes))
+    fc = ("fsdp", "context")  # parameters are split over the context axis too, not replicated on it
     expect = {
-        ("blocks", "attn1", "to_q", "kernel"): P(None, "fsdp", "tensor"),
-        ("blocks", "attn1", "to_out", "kernel"): P(None, "tensor", "fsdp"),
+        ("blocks", "attn1", "to_q", "kernel"): P(None, fc, "tensor"),
+        ("blocks", "attn1", "to_out", "kernel"): P(None, "tensor", fc),
         ("blocks", "attn2", "norm_k", "scale"): P(None, "tensor"),
-        ("blocks", "ffn", "fc_in", "kernel"): P(None, "fsdp", "tensor"),
-        ("blocks", "ffn", "fc_out", "kernel"): P(None, "tensor", "fsdp"),
-        ("blocks", "scale_shift_table"): P(None, None, "fsdp"),
-        ("patch_embedding", "kernel"): P(None, "fsdp"),
-        ("condition_embedder", "time_linear_2", "kernel"): P("fsdp", None),  # a mesh axis is used once
+        ("blocks", "ffn", "fc_in", "kernel"): P(None, fc, "tensor"),
+        ("blocks", "ffn", "fc_out", "kernel"): P(None, "tensor", fc),
+        ("blocks", "scale_shift_table"): P(None, None, fc),
+        ("patch_embedding", "kernel"): P(None, fc),
+        ("condition_embedder", "time_linear_2", "kernel"): P(fc, None),  # a mesh axis is used once
     }
     for path, spec in expect.items():
         leaf, names = placed, axes
         for k in path:
             leaf, names = leaf[k], names[k]
-        assert logical_to_spec(names) == spec, path
+        assert mesh_spec(names, mesh) == spec, path
         assert leaf.sharding.spec == spec, path
     # Every placed parameter carries exactly the spec the rules table gives for its logical names.
     flat_axes = jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))
     for leaf, names in zip(jax.tree.leaves(placed), flat_axes, strict=True):
-        assert leaf.sharding.spec == logical_to_spec(names)
+        assert leaf.sharding.spec == mesh_spec(names, mesh)
+    # Without a context axis the same rules read as plain FSDP; the batch never goes over context.
+    plain = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert tree_shardings(plain, params, axes)["blocks"]["attn1"]["to_q"]["kernel"].spec == P(None, "fsdp", "tensor")
+    assert mesh_spec(("act_batch", "act_length"), mesh) == P("fsdp", "context")
 
 
 def test_rules_override_changes_placement(model_and_inputs):

@@ -6,6 +6,8 @@ with every checkpoint, so a resumed run sees exactly the batches the interrupted
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Mapping
 
 import grain
@@ -13,7 +15,55 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from dollar_jax.parallel.rules import axis_rules
 from dollar_jax.parallel.sharding import logical_to_spec
+
+
+def batch_shards(mesh_sizes: Mapping[str, int], rules=None) -> tuple[int, tuple[str, ...]]:
+    """How many ways the batch is split (the mesh axes "act_batch" maps to: data x fsdp by default)."""
+    with axis_rules(rules):
+        entry = logical_to_spec(("act_batch",))[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(mesh_sizes[a] for a in axes), axes
+
+
+def resolve_global_batch(batch_size: int, batch_per_shard: int, mesh_sizes: Mapping[str, int], rules=None,
+                         what: str = "distill") -> int:
+    """The global batch for this mesh: `batch_size`, or (when it is -1) `batch_per_shard` clips on every
+    batch shard. A batch the shards do not divide is an error that says which values work.
+
+    Fewer clips than devices is fine as long as the batch shards divide it: the other devices go on the
+    context axis and split each clip's tokens (8 devices, batch 2: fsdp=2 x context=4).
+    """
+    shards, axes = batch_shards(mesh_sizes, rules)
+    if batch_size == -1:
+        if batch_per_shard < 1:
+            raise ValueError(f"config.{what}.batch_per_shard must be >= 1 when batch_size=-1, got {batch_per_shard}")
+        return batch_per_shard * shards
+    if batch_size < 1:
+        raise ValueError(f"config.{what}.batch_size must be positive or -1 (batch_per_shard clips per batch "
+                         f"shard), got {batch_size}")
+    if batch_size % shards:
+        mesh = ",".join(f"{k}={v}" for k, v in mesh_sizes.items())
+        split = "x".join(f"{a}={mesh_sizes[a]}" for a in axes)
+        devices = math.prod(mesh_sizes.values()) // mesh_sizes.get("tensor", 1)
+        fsdp = max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and devices % d == 0)
+        raise ValueError(
+            f"config.{what}.batch_size={batch_size} does not split over the {shards} batch shards ({split}) of "
+            f"mesh {mesh}: use a multiple of {shards}, or batch_size=-1 ({what}.batch_per_shard clips per shard), "
+            f"or keep batch {batch_size} and split each clip's tokens over the context axis: "
+            f"--config.mesh.data=1 --config.mesh.fsdp={fsdp} --config.mesh.context={devices // fsdp}")
+    return batch_size
+
+
+def with_global_batch(config, section: str, mesh_sizes: Mapping[str, int]):
+    """A copy of `config` whose config[section].batch_size is the resolved global batch for the mesh."""
+    out = copy.deepcopy(config)
+    rules = list(config.sharding_rules) if config.sharding_rules else None
+    out[section].batch_size = resolve_global_batch(int(config[section].batch_size),
+                                                   int(config[section].get("batch_per_shard", 1)),
+                                                   mesh_sizes, rules, section)
+    return out
 
 
 def host_batch_size(global_batch: int) -> int:

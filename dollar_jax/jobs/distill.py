@@ -17,7 +17,7 @@ from dollar_jax.checkpoint import (load_autoencoder, load_dit, read_model_config
 from dollar_jax.config import dit_config
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.latents import check_dataset_fits, load_null_text
-from dollar_jax.data.pipeline import train_dataset
+from dollar_jax.data.pipeline import train_dataset, with_global_batch
 from dollar_jax.data.text import text_encoder
 from dollar_jax.data.world import world_config
 from dollar_jax.diffusion.student import student_grids as warped_student_grids
@@ -25,6 +25,7 @@ from dollar_jax.eval import video_io, world_eval
 from dollar_jax.eval.generate import make_generate, student_grid, student_sampler
 from dollar_jax.train.statistics import pixel_saturation
 from dollar_jax.jobs.common import conditioning_sections
+from dollar_jax.parallel.mesh import mesh_devices
 from dollar_jax.parallel.sharding import replicated
 from dollar_jax.paths import Paths
 from dollar_jax.train.dollar_step import build_step, step_flops
@@ -48,7 +49,13 @@ def student_dit(config, folder: str):
     return arch.replace(**numerics)
 
 
+def for_this_mesh(config):
+    """config with distill.batch_size resolved for the mesh config.mesh makes on this machine's devices."""
+    return with_global_batch(config, "distill", mesh_devices(dict(config.mesh), jax.device_count())[0])
+
+
 def make_job(config, workdir: str) -> Job:
+    config = for_this_mesh(config)
     paths, dc = Paths.of(config, workdir), config.distill
     folder = teacher_folder(config, workdir)
     dit = student_dit(config, folder)
@@ -217,6 +224,7 @@ def run(config, workdir: str) -> str:
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     folder = teacher_folder(config, workdir)
+    config = for_this_mesh(config)  # before anything loads: a batch the mesh cannot split stops here
     job = make_job(config, workdir)
     state = train(job, config, paths.run(dc.name))
     _, _, diffusion = teacher_parameterisation(folder)

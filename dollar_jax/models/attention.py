@@ -2,8 +2,11 @@
 
 Layout everywhere: q, k, v are [batch, tokens, heads, head_dim] ("BTNH").
 Kernels, chosen by `DiTConfig.attention`:
+  auto   - by `jax.default_backend()`: splash on TPU, cuDNN on GPU (bf16/fp16 compute with a head_dim cuDNN
+           takes, else xla), xla on CPU; so one config runs on every backend.
   xla    - plain einsum/softmax attention with float32 softmax; runs everywhere and is the reference.
-  cudnn  - fused flash attention through `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
+  cudnn  - fused flash attention through `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only,
+           bf16/fp16, head_dim a multiple of 8 and <= 128; padding keys masked with key_value_seq_lengths).
   splash - Pallas splash (flash) attention (TPU only); token counts that are not a multiple of its block
            are padded and the padding is masked out with segment ids.
   splash_interpret - the same Pallas kernel run by the Pallas interpreter: slow, for testing the kernel
@@ -15,11 +18,16 @@ each device all-gathers the keys and values of its self-attention (the video is 
 the all-gather moves K and V once per layer, which is cheap next to T^2 attention), while queries, the
 T^2 work and the outputs stay split. Cross-attention keys (text) are short and replicated, so they are not
 gathered. Pallas kernels cannot be partitioned by XLA, which is the other reason for the explicit map.
+
+Padded keys: the DiT pads its video tokens to a multiple of the context axis (32,760 tokens on context=16
+become 32,768, rather than replicating every token 16x); `kv_valid` says how many keys are real, and every
+kernel masks the rest (xla: a mask on the logits, splash: segment ids, cudnn: key_value_seq_lengths).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +36,9 @@ from jax.sharding import PartitionSpec
 
 from dollar_jax.parallel.sharding import fitted_spec
 
-ATTENTION_KERNELS = ("xla", "cudnn", "splash", "splash_interpret")
+log = logging.getLogger(__name__)
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # Splash block sizes: the largest of these that the padded token count admits.
 _SPLASH_BLOCKS = (512, 256, 128)
 
@@ -71,22 +81,66 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(dtype)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: int | None = None) -> jax.Array:
+    """The reference. Keys at positions >= `kv_valid` (padding) get no weight."""
     scale = 1.0 / np.sqrt(q.shape[-1])
     logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+    if kv_valid is not None and kv_valid < k.shape[1]:
+        logits = jnp.where(jnp.arange(k.shape[1]) < kv_valid, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnqk,bknh->bqnh", weights, v)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: int | None = None) -> jax.Array:
+    """cuDNN flash attention, BTNH in and out (no transposes). Padding keys are cut by sequence lengths."""
+    check_cudnn_inputs(q)
+    lengths = None
+    if kv_valid is not None and kv_valid < k.shape[1]:
+        lengths = jnp.full((k.shape[0],), kv_valid, jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+
+
+def cudnn_supports(dtype, head_dim: int) -> bool:
+    return jnp.dtype(dtype) in tuple(map(jnp.dtype, CUDNN_DTYPES)) and head_dim % 8 == 0 and head_dim <= 128
+
+
+def check_cudnn_inputs(q: jax.Array) -> None:
+    if not cudnn_supports(q.dtype, q.shape[-1]):
+        raise ValueError(f"attention='cudnn' needs bfloat16/float16 inputs and head_dim a multiple of 8 up to 128; "
+                         f"got {q.dtype} and head_dim {q.shape[-1]} (set model.dtype=bfloat16, or attention='xla')")
+
+
+def resolve_kernel(kernel: str, dtype, head_dim: int) -> str:
+    """The kernel `auto` stands for on this backend; any other name is returned as given."""
+    if kernel != "auto":
+        return kernel
+    backend = _platform()
+    if backend == "tpu":
+        return "splash"
+    if backend == "gpu":
+        if cudnn_supports(dtype, head_dim):
+            return "cudnn"
+        _log_once(f"attention='auto' on GPU uses xla: cuDNN needs bfloat16/float16 and head_dim a multiple of 8 "
+                  f"up to 128 (got {jnp.dtype(dtype)}, head_dim {head_dim})")
+    return "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.warning(message)
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False,
+                     kv_valid: int | None = None) -> jax.Array:
     """Pallas splash attention on one device's block, [B, Tq, N, H] x [B, Tk, N, H] -> [B, Tq, N, H].
 
     Splash needs token counts in whole blocks (>= 128); Wan's 81-frame 480p clip has 32760 tokens, so both
-    sides are padded, padded keys get segment id 1 and every query segment 0: no real query sees padding.
+    sides are padded, padded keys (and keys at positions >= `kv_valid`) get segment id 1 and every query
+    segment 0: no real query sees padding.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -101,7 +155,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool =
     mask = masks.MultiHeadMask([masks.FullMask((padded_q, padded_k)) for _ in range(heads)])
     kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)
     segments = splash.SegmentIds(q=jnp.zeros((padded_q,), jnp.int32),
-                                 kv=(jnp.arange(padded_k) >= tk).astype(jnp.int32))
+                                 kv=(jnp.arange(padded_k) >= min(tk, kv_valid or tk)).astype(jnp.int32))
 
     def heads_first(x, length):  # [B, T, N, H] -> [B, N, T_padded, H]
         return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))), 1, 2)
@@ -119,37 +173,42 @@ def _platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla") -> jax.Array:
-    """Full (non-causal, unmasked) attention on arrays this device holds whole."""
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla",
+                    kv_valid: int | None = None) -> jax.Array:
+    """Full (non-causal) attention on arrays this device holds whole; keys from `kv_valid` on are masked."""
+    kernel = resolve_kernel(kernel, q.dtype, q.shape[-1])
     if kernel == "xla":
-        return xla_attention(q, k, v)
+        return xla_attention(q, k, v, kv_valid)
     if kernel == "cudnn":
         if _platform() != "gpu":
-            raise ValueError(f"attention='cudnn' needs a GPU (backend is {_platform()!r}); use 'xla'")
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            raise ValueError(f"attention='cudnn' needs a GPU (backend is {_platform()!r}); use 'auto' or 'xla'")
+        return cudnn_attention(q, k, v, kv_valid)
     if kernel == "splash":
         if _platform() != "tpu":
-            raise ValueError(f"attention='splash' needs a TPU (backend is {_platform()!r}); use 'xla' "
-                             "(or 'splash_interpret' to test the kernel path on CPU)")
-        return splash_attention(q, k, v)
+            raise ValueError(f"attention='splash' needs a TPU (backend is {_platform()!r}); use 'auto' or "
+                             "'xla' (or 'splash_interpret' to test the kernel path on CPU)")
+        return splash_attention(q, k, v, kv_valid=kv_valid)
     if kernel == "splash_interpret":
-        return splash_attention(q, k, v, interpret=True)
+        return splash_attention(q, k, v, interpret=True, kv_valid=kv_valid)
     raise ValueError(f"Unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla", self_attention: bool = True) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla", self_attention: bool = True,
+              kv_valid: int | None = None) -> jax.Array:
     """Full attention, [B, Tq, N, H] x [B, Tk, N, H] -> [B, Tq, N, H], on the current mesh if there is one.
 
     Without a mesh (or with the xla kernel and no context axis, where XLA's partitioner does as well) the
     kernel runs directly. Otherwise it runs under `shard_map` with the layout of the module docstring.
+    `kv_valid`: how many of the (global) keys are real; the rest are padding and get no weight.
     """
+    kernel = resolve_kernel(kernel, q.dtype, q.shape[-1])
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return local_attention(q, k, v, kernel)
+        return local_attention(q, k, v, kernel, kv_valid)
     q_spec = fitted_spec(q.shape, ("act_batch", "act_length", "act_heads", "act_head_dim"), mesh)
     context_axes = q_spec[1]
     if kernel == "xla" and context_axes is None:
-        return local_attention(q, k, v, kernel)
+        return local_attention(q, k, v, kernel, kv_valid)
     gather = self_attention and context_axes is not None
     # Keys/values: same batch and head split as the queries; tokens split like the queries' when they are
     # the same tokens (self-attention, then gathered inside), whole otherwise (text).
@@ -161,7 +220,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla", sel
         if gather:
             k = jax.lax.all_gather(k, context_axes, axis=1, tiled=True)
             v = jax.lax.all_gather(v, context_axes, axis=1, tiled=True)
-        return local_attention(q, k, v, kernel)
+        return local_attention(q, k, v, kernel, kv_valid)
 
     return jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
                          check_vma=False)(q, k, v)

@@ -5,7 +5,8 @@ diffusers' WanTransformer3DModel exactly (parity-tested against it), with three 
   * the 3D patch embedding is a matmul over flattened patches (same weights as the Conv3d, reshaped);
   * the blocks are built with stacked weights (a leading "layers" axis) and run with `jax.lax.scan` under a
     named rematerialisation policy, so compile time does not grow with depth;
-  * every parameter and key activation carries logical axis names (dollar_jax/parallel/rules.py).
+  * every parameter and key activation carries logical axis names (dollar_jax/parallel/rules.py); video
+    tokens are padded to a multiple of the context axis (masked in attention, cut off at the end).
 
 Numerics follow the reference: LayerNorms, the timestep path and the shift/scale/gate modulation run in
 float32; matmuls run in `config.dtype`; parameters are stored in `config.param_dtype`.
@@ -24,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dollar_jax.models.attention import apply_rope, attention, rope_tables
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, param, sinusoidal_embedding, zeros
-from dollar_jax.parallel.sharding import constrain
+from dollar_jax.parallel.sharding import constrain, shard_count
 
 TOKENS = ("act_batch", "act_length", "act_embed")
 TEXT_TOKENS = ("act_batch", "act_text_length", "act_embed")
@@ -55,7 +56,8 @@ class Attention(nnx.Module):
         self.heads = cfg.num_attention_heads
         self.kernel = cfg.attention
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, rope=None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, rope=None,
+                 kv_valid: int | None = None) -> jax.Array:
         kv_in, kv_len = (x, "act_length") if context is None else (context, "act_text_length")
         q = self.norm_q(self.to_q(x))
         k = self.norm_k(self.to_k(kv_in))
@@ -66,7 +68,8 @@ class Attention(nnx.Module):
         v = constrain(v, ("act_batch", kv_len, "act_heads", "act_head_dim"))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, self.kernel, self_attention=context is None)
+        out = attention(q, k, v, self.kernel, self_attention=context is None,
+                        kv_valid=kv_valid if context is None else None)
         out = checkpoint_name(out, "attention_out")
         return self.to_out(einops.rearrange(out, "b t n h -> b t (n h)"))
 
@@ -95,14 +98,15 @@ class WanBlock(nnx.Module):
         self.scale_shift_table = param(rngs, init, (6, cfg.inner_dim), ("modulation", "embed"), pdt)
         self.eps = cfg.eps
 
-    def __call__(self, h: jax.Array, context: jax.Array, modulation: jax.Array, rope) -> jax.Array:
+    def __call__(self, h: jax.Array, context: jax.Array, modulation: jax.Array, rope,
+                 valid_tokens: int | None = None) -> jax.Array:
         # modulation: [B, 6, D] float32 from the timestep; the per-layer table is added here.
         mod = self.scale_shift_table[...].astype(jnp.float32)[None] + modulation
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
         dtype = h.dtype
 
         x = (layer_norm(h, self.eps) * (1 + scale) + shift).astype(dtype)
-        h = (h.astype(jnp.float32) + self.attn1(x, rope=rope).astype(jnp.float32) * gate).astype(dtype)
+        h = (h.astype(jnp.float32) + self.attn1(x, rope=rope, kv_valid=valid_tokens).astype(jnp.float32) * gate).astype(dtype)
         h = constrain(h, TOKENS)
 
         x = (self.norm2(h) if self.norm2 is not None else h.astype(jnp.float32)).astype(dtype)
@@ -170,11 +174,11 @@ class WanDiT(nnx.Module):
             )
         return f // pt, h // ph, w // pw
 
-    def _run_blocks(self, h, context, modulation, rope):
+    def _run_blocks(self, h, context, modulation, rope, valid_tokens=None):
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(carry, layer_state):
-            return nnx.merge(graphdef, layer_state)(carry, context, modulation, rope), None
+            return nnx.merge(graphdef, layer_state)(carry, context, modulation, rope, valid_tokens), None
 
         if self.config.remat_policy != "none":
             body = jax.checkpoint(body, policy=_remat_policy(self.config.remat_policy), prevent_cse=False)
@@ -194,16 +198,25 @@ class WanDiT(nnx.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), latents.shape[:1])
 
         x = einops.rearrange(latents, "b (f pt) (h ph) (w pw) c -> b (f h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+        cos, sin = rope_tables(cfg.attention_head_dim, grid, cfg.rope_theta, cfg.rope_max_seq_len)
+        # Tokens split over the context axis must divide it: pad them (32760 -> 32768 on context=16) rather
+        # than replicate all of them; attention masks the padded keys, and the padding is cut off at the end.
+        tokens = x.shape[1]
+        padding = -tokens % shard_count("act_length")
+        if padding:
+            x = jnp.pad(x, ((0, 0), (0, padding), (0, 0)))
+            cos = jnp.pad(cos, ((0, padding), (0, 0)), constant_values=1.0)  # rotation by 0 on padding
+            sin = jnp.pad(sin, ((0, padding), (0, 0)))
         h = constrain(self.patch_embedding(x), TOKENS)
         temb, modulation, context = self.condition_embedder(timesteps, text.astype(dtype))
         context = constrain(context, TEXT_TOKENS)
-        rope = tuple(jnp.asarray(a) for a in rope_tables(cfg.attention_head_dim, grid, cfg.rope_theta, cfg.rope_max_seq_len))
+        rope = (jnp.asarray(cos), jnp.asarray(sin))
 
-        h = self._run_blocks(h, context, modulation, rope)
+        h = self._run_blocks(h, context, modulation, rope, tokens if padding else None)
 
         shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32)[None] + temb[:, None], 2, axis=1)
         h = layer_norm(h.astype(jnp.float32), cfg.eps) * (1 + scale) + shift  # float32 norm and head
-        out = self.proj_out(h)
+        out = self.proj_out(h)[:, :tokens]
         f, hh, ww = grid
         return einops.rearrange(
             out, "b (f h w) (pt ph pw c) -> b (f pt) (h ph) (w pw) c", f=f, h=hh, w=ww, pt=pt, ph=ph, pw=pw

@@ -38,6 +38,19 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
     return sizes
 
 
+def mesh_devices(shape: Mapping[str, int] | None, num_devices: int) -> tuple[dict[str, int], int]:
+    """(resolved shape, devices used): what `make_mesh(shape)` builds on `num_devices`, without building it.
+
+    An explicit mesh smaller than the machine runs on its first devices (a one-device reference run on an
+    8-device host, say).
+    """
+    shape = dict(shape or {"fsdp": -1})
+    fixed = math.prod(int(v) for v in shape.values())
+    if -1 not in shape.values() and 0 < fixed < num_devices:
+        num_devices = fixed
+    return resolve_mesh_shape(shape, num_devices), num_devices
+
+
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     """A mesh over all (or the given) devices with axes data/fsdp/context/tensor.
 
@@ -46,13 +59,10 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     the logical-axis rules and XLA's partitioner (not explicit-sharding types) inserts the collectives.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = dict(shape or {"fsdp": -1})
-    fixed = math.prod(int(v) for v in shape.values())
-    if -1 not in shape.values() and 0 < fixed < len(devices):
-        # An explicit mesh smaller than the machine runs on its first devices (a one-device reference run
-        # on an 8-device host, say); say so, since on a real slice this usually is a mistake.
-        log.warning("Mesh %s uses %d of %d devices", shape, fixed, len(devices))
-        devices = devices[:fixed]
-    sizes = resolve_mesh_shape(shape, len(devices))
+    sizes, used = mesh_devices(shape, len(devices))
+    if used < len(devices):
+        # On a real slice this usually is a mistake: say so.
+        log.warning("Mesh %s uses %d of %d devices", dict(shape), used, len(devices))
+        devices = devices[:used]
     axis_shapes = tuple(sizes[axis] for axis in MESH_AXES)
     return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 
 import jax
@@ -10,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dollar_jax.parallel.rules import Rule, current_rules
 
 LogicalAxes = Sequence[str | None]
+log = logging.getLogger(__name__)
 
 
 def logical_to_spec(axes: LogicalAxes | None, rules: Sequence[Rule] | None = None) -> PartitionSpec:
@@ -54,8 +57,20 @@ def check_divisible(spec: PartitionSpec, shape: Sequence[int], mesh, what: str) 
             )
 
 
+def mesh_spec(axes: LogicalAxes | None, mesh) -> PartitionSpec:
+    """`logical_to_spec` on `mesh`, leaving out mesh axes of size 1 (they split nothing): on a mesh without a
+    context axis, "embed" -> ("fsdp", "context") reads as plain "fsdp"."""
+    sizes = _mesh_axis_sizes(mesh)
+    entries = []
+    for entry in logical_to_spec(axes):
+        kept = tuple(a for a in (() if entry is None else (entry,) if isinstance(entry, str) else entry)
+                     if sizes[a] > 1)
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*entries)
+
+
 def named_sharding(mesh: Mesh, axes: LogicalAxes | None, shape: Sequence[int] | None = None, what: str = "array"):
-    spec = logical_to_spec(axes)
+    spec = mesh_spec(axes, mesh)
     if shape is not None:
         check_divisible(spec, shape, mesh, what)
     return NamedSharding(mesh, spec)
@@ -85,10 +100,9 @@ def tree_shardings(mesh: Mesh, abstract_tree, logical_tree):
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside a mesh context (single device, unit tests).
 
-    This is a layout hint for XLA, not a correctness requirement, so a mesh axis that does not divide the
-    activation's dimension (batch 1 on 8 devices, 77 text tokens on a context axis of 4) is left out of the
-    constraint for that dimension instead of failing the trace. Parameters are checked strictly instead
-    (`tree_shardings`).
+    A mesh axis that does not divide the activation's dimension (batch 4 on 8 devices) is left out of the
+    constraint for that dimension, with a warning that names the dimension and the cost (`fitted_spec`).
+    Parameters are checked strictly instead (`tree_shardings`).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -96,19 +110,55 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, fitted_spec(x.shape, axes, mesh))
 
 
+_warned: set = set()
+
+
 def fitted_spec(shape: Sequence[int], axes: LogicalAxes, mesh) -> PartitionSpec:
-    """The PartitionSpec of logical `axes`, keeping per dimension only the mesh axes that divide it."""
+    """The PartitionSpec of logical `axes`, keeping per dimension only the mesh axes that divide it.
+
+    Dropping an axis means every device along it holds (and computes) the whole dimension. That is never
+    silent: it is logged once per logical name, size and mesh (`logging` warning) with the replication
+    factor, e.g. "act_length 32760 not divisible by context=16: replicated 16x".
+    """
     sizes = _mesh_axis_sizes(mesh)
     entries = []
-    for dim, entry in zip(shape, logical_to_spec(axes)):
+    for name, dim, entry in zip(axes, shape, logical_to_spec(axes)):
         axes_here = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-        kept, n = [], 1
+        kept, dropped, n = [], [], 1
         for axis in axes_here:
-            if sizes[axis] > 1 and dim % (n * sizes[axis]) == 0:
+            if sizes[axis] == 1:
+                continue
+            if dim % (n * sizes[axis]) == 0:
                 kept.append(axis)
                 n *= sizes[axis]
+            else:
+                dropped.append(axis)
+        if dropped:
+            _warn_replicated(name, dim, axes_here, dropped, sizes)
         entries.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
     return PartitionSpec(*entries)
+
+
+def _warn_replicated(name, dim: int, wanted, dropped, sizes) -> None:
+    key = (name, dim, tuple((a, sizes[a]) for a in wanted))
+    if key in _warned:
+        return
+    _warned.add(key)
+    factor = math.prod(sizes[a] for a in dropped)
+    wanted_str = "x".join(f"{a}={sizes[a]}" for a in wanted if sizes[a] > 1)
+    log.warning("%s %d not divisible by %s: replicated %dx over %s (each of those devices holds and computes "
+                "the whole dimension)", name, dim, wanted_str, factor, "x".join(dropped))
+
+
+def shard_count(name: str, mesh=None) -> int:
+    """How many ways the current rules split logical axis `name` on `mesh` (default: the current mesh)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty:
+        return 1
+    sizes = _mesh_axis_sizes(mesh)
+    entry = logical_to_spec((name,))[0]
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    return math.prod(sizes[a] for a in axes)
 
 
 def current_mesh() -> Mesh | None:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dollar_jax.config import dit_config, schedule_of
-from dollar_jax.data.pipeline import batch_sharding
+from dollar_jax.data.pipeline import batch_sharding, with_global_batch
 from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.rules import axis_rules
 from dollar_jax.parallel.sharding import replicated, tree_shardings
@@ -39,8 +39,8 @@ from dollar_jax.train.state import TrainState, init_state, state_shardings
 
 # On the CPU compiler, kernels that only run on accelerators are planned with their interpreted twin (same
 # blockwise memory); on a TPU topology the real splash kernel is compiled, and cuDNN (GPU) becomes splash.
-CPU_PLANNING_KERNEL = {"splash": "splash_interpret", "cudnn": "splash_interpret"}
-TPU_PLANNING_KERNEL = {"cudnn": "splash", "splash_interpret": "splash"}
+CPU_PLANNING_KERNEL = {"splash": "splash_interpret", "cudnn": "splash_interpret", "auto": "splash_interpret"}
+TPU_PLANNING_KERNEL = {"cudnn": "splash", "splash_interpret": "splash", "auto": "splash"}
 GIB = 2.0 ** 30
 
 
@@ -85,9 +85,13 @@ def _placed(tree, shardings):
 
 
 def abstract_distill_step(config, dit, mesh) -> AbstractStep:
-    """Build config's distillation step for `dit` on `mesh` (call inside `jax.set_mesh(mesh)`); nothing allocated."""
+    """Build config's distillation step for `dit` on `mesh` (call inside `jax.set_mesh(mesh)`); nothing allocated.
+
+    distill.batch_size is resolved for `mesh` as the trainer resolves it (-1: batch_per_shard per batch shard).
+    """
     from dollar_jax.train.dollar_step import build_step  # the trainer's own step, not a copy
 
+    config = with_global_batch(config, "distill", dict(zip(mesh.axis_names, mesh.devices.shape)))
     if not config.data.latent_shape or not config.data.text_shape:
         raise ValueError("Planning needs config.data.latent_shape and config.data.text_shape")
     latent_shape, text_shape = tuple(config.data.latent_shape), tuple(config.data.text_shape)
@@ -164,6 +168,7 @@ def plan_distill_step(config, mesh_shape: dict, topology: str | None = None, est
         dit = dit.replace(attention=CPU_PLANNING_KERNEL.get(dit.attention, dit.attention))
     latent_shape, text_shape = tuple(config.data.latent_shape), tuple(config.data.text_shape)
     mesh = make_mesh(mesh_shape, devices=devices)
+    config = with_global_batch(config, "distill", dict(zip(mesh.axis_names, mesh.devices.shape)))
     rules = list(config.sharding_rules) if config.sharding_rules else None
     with jax.set_mesh(mesh), axis_rules(rules):
         planned = abstract_distill_step(config, dit, mesh)
