@@ -127,8 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
         enabled=False,
         name="colourfulness",  # a registered pixel reward (dollar_jax/rewards): any Python function of videos
         path="",  # local weights for model-based rewards (clip_preference: a transformers CLIP folder)
-        decoder="world_autoencoder",  # how the labeller decodes latents: "world_autoencoder" | "wan_vae"
-        vae_path="",  # diffusers AutoencoderKLWan folder for decoder="wan_vae"
+        # how the labeller decodes latents: "world_autoencoder" | "wan_vae" (diffusers, torch) |
+        # "wan_vae_flax" (dollar_jax/models/wan_vae.py, jit on the accelerator, no torch)
+        decoder="world_autoencoder",
+        vae_path="",  # decoder="wan_vae": a diffusers AutoencoderKLWan folder; "wan_vae_flax": that or a converted one
         weight=1.0,  # beta_FT; 0 trains the LRM but leaves the student exactly as plain distillation
         lrm_kind="frame", lrm_width=128, lrm_first_stride=4,  # kind: "frame" | "frame_text" | "video3d"
         lrm_optim=optimizer(learning_rate=1e-3, warmup_steps=0, decay="constant"),
