@@ -256,6 +256,9 @@ def load_wan_vae(folder: str, **numerics) -> WanVAE:
     with open(path) as f:
         blob = json.load(f)
     if "wan_vae" not in blob:
+        if "_class_name" not in blob:
+            raise CheckpointError(f"{path} has neither a 'wan_vae' section (a converted model folder) nor "
+                                  "diffusers' '_class_name' (an AutoencoderKLWan folder)")
         from dollar_jax.convert.wan_vae import load_diffusers_vae  # convert/ builds on this module
 
         return load_diffusers_vae(folder, **numerics)

@@ -19,7 +19,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dollar_jax.checkpoint import load_wan_vae  # noqa: E402
+from dollar_jax.checkpoint import CheckpointError, load_wan_vae  # noqa: E402
 from dollar_jax.convert import ConversionError  # noqa: E402
 from dollar_jax.convert import safetensors_io as st  # noqa: E402
 from dollar_jax.convert.wan_vae import load_diffusers_vae  # noqa: E402
@@ -205,6 +205,12 @@ def test_convert_tool_writes_a_model_folder(pairs, tmp_path):
     # An existing destination is kept unless --overwrite.
     assert tool.main(["--kind=vae", "--src", pair.folder, "--dst", dst]) == 1
     assert load_wan_vae(dst, decode_chunk=3).config.decode_chunk == 3
+    # A folder of something else is named as such.
+    other = tmp_path / "not_a_vae"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"dit": {}}))
+    with pytest.raises(CheckpointError, match="neither a 'wan_vae' section"):
+        load_wan_vae(str(other))
 
 
 def test_flax_reward_decoder_matches_the_torch_one(pairs):

@@ -88,10 +88,10 @@ def read_config(src: str, **numerics) -> WanVAEConfig:
 
 
 def plan_conversion(src: str, **numerics):
-    """Check every key and shape from the headers; return (config, {torch key: (flax path, transform)},
-    entries, expected flat abstract params). Reads no tensor data."""
+    """Check every key and shape from the headers; return (config, graphdef, {torch key: (flax path,
+    transform)}, entries, expected flat abstract params). Reads no tensor data."""
     config = read_config(src, **numerics)
-    _, abstract_params = abstract_vae(config)
+    graphdef, abstract_params = abstract_vae(config)
     expected = _flatten(abstract_params)
     plan = {}
     for path in expected:
@@ -113,12 +113,13 @@ def plan_conversion(src: str, **numerics):
         lines += [f"  unexpected: {k}" for k in unexpected]
         lines += [f"  mis-shaped: {k}" for k in misshaped]
         raise ConversionError("\n".join(lines))
-    return config, plan, entries, expected
+    return config, graphdef, plan, entries, expected
 
 
 def read_arrays(src: str, dtype: str = "float32", **numerics):
-    """(config, flat {flax path: np.ndarray}) of a diffusers VAE folder, checked, one tensor in memory at a time."""
-    config, plan, entries, expected = plan_conversion(src, param_dtype=dtype, **numerics)
+    """(config, graphdef, flat {flax path: np.ndarray}) of a diffusers VAE folder, checked, one tensor in
+    memory at a time."""
+    config, graphdef, plan, entries, expected = plan_conversion(src, param_dtype=dtype, **numerics)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     arrays = {path: aligned_empty(spec.shape, np_dtype) for path, spec in expected.items()}
     for key, (path, transform) in plan.items():
@@ -126,7 +127,7 @@ def read_arrays(src: str, dtype: str = "float32", **numerics):
         if not np.all(np.isfinite(value.astype(np.float32))):
             raise ConversionError(f"{src}: tensor {key} holds NaN or infinite values")
         arrays[path][...] = value
-    return config, arrays
+    return config, graphdef, arrays
 
 
 def load_diffusers_vae(src: str, **numerics) -> WanVAE:
@@ -135,8 +136,7 @@ def load_diffusers_vae(src: str, **numerics) -> WanVAE:
     `numerics`: WanVAEConfig fields that do not change the weights (dtype, param_dtype, encode_chunk,
     decode_chunk)."""
     param_dtype = numerics.pop("param_dtype", "float32")
-    config, arrays = read_arrays(src, dtype=param_dtype, **numerics)
-    graphdef, _ = abstract_vae(config)
+    _, graphdef, arrays = read_arrays(src, dtype=param_dtype, **numerics)
     params = jax.tree.map(jax.numpy.asarray, _unflatten(arrays))
     return nnx.merge(graphdef, params)
 
@@ -147,7 +147,7 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False)
     t0 = time.perf_counter()
     if os.path.exists(dst) and not overwrite:
         raise ConversionError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    config, arrays = read_arrays(src, dtype)
+    config, _, arrays = read_arrays(src, dtype)
     write_model_folder(dst, {"wan_vae": config.to_dict(),
                              "source": {"format": "wan-vae-diffusers", "path": os.path.abspath(src)}},
                        _unflatten(arrays))
