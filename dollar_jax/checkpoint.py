@@ -23,6 +23,7 @@ from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.models.layers import abstract, logical_axes
 from dollar_jax.parallel.mesh import make_mesh
+from dollar_jax.models.wan_vae import WanVAE, WanVAEConfig
 from dollar_jax.models.world_encoder import WorldEncoder
 from dollar_jax.parallel.sharding import current_mesh, tree_shardings
 
@@ -242,6 +243,31 @@ def load_world_encoder(folder: str) -> WorldEncoder:
                        lambda d: WorldEncoder(d["classes"], d["width"], d["features"], rngs=nnx.Rngs(0)))
 
 
+def load_wan_vae(folder: str, **numerics) -> WanVAE:
+    """Wan2.1's VAE in Flax, from a converted model folder (config.json with a "wan_vae" section + params/,
+    what `tools/convert_weights.py --kind=vae` writes) or straight from a diffusers AutoencoderKLWan folder.
+
+    `numerics`: WanVAEConfig fields that leave the weights' shapes alone (dtype, param_dtype, encode_chunk,
+    decode_chunk). Parameters land on the first local device (the VAE is small: replicate it if needed).
+    """
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} has no {CONFIG_FILE}: neither a model folder nor a diffusers VAE folder")
+    with open(path) as f:
+        blob = json.load(f)
+    if "wan_vae" not in blob:
+        if "_class_name" not in blob:
+            raise CheckpointError(f"{path} has neither a 'wan_vae' section (a converted model folder) nor "
+                                  "diffusers' '_class_name' (an AutoencoderKLWan folder)")
+        from dollar_jax.convert.wan_vae import load_diffusers_vae  # convert/ builds on this module
+
+        return load_diffusers_vae(folder, **numerics)
+    config = WanVAEConfig.from_dict(blob["wan_vae"]).replace(**numerics)
+    graphdef, state = nnx.split(abstract(lambda: WanVAE(config, rngs=nnx.Rngs(0))))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(state))
+    return nnx.merge(graphdef, restore_pytree(os.path.join(folder, PARAMS_DIR), target))
+
+
 def dit_params(model: WanDiT) -> dict:
     """The pure-dict parameters of a model (what training states and checkpoints hold)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -254,6 +280,7 @@ __all__ = [
     "dit_params",
     "load_autoencoder",
     "load_dit",
+    "load_wan_vae",
     "load_world_encoder",
     "read_model_config",
     "read_model_folder_config",

@@ -166,8 +166,10 @@ def base_config() -> ml_collections.ConfigDict:
         enabled=False,
         name="colourfulness",  # a registered pixel reward (dollar_jax/rewards): any Python function of videos
         path="",  # local weights for model-based rewards (clip_preference: a transformers CLIP folder)
-        decoder="world_autoencoder",  # how the labeller decodes latents: "world_autoencoder" | "wan_vae"
-        vae_path="",  # diffusers AutoencoderKLWan folder for decoder="wan_vae"
+        # how the labeller decodes latents: "world_autoencoder" | "wan_vae" (diffusers, torch) |
+        # "wan_vae_flax" (dollar_jax/models/wan_vae.py, jit on the accelerator, no torch)
+        decoder="world_autoencoder",
+        vae_path="",  # decoder="wan_vae": a diffusers AutoencoderKLWan folder; "wan_vae_flax": that or a converted one
         weight=1.0,  # beta_FT; 0 trains the LRM but leaves the student exactly as plain distillation
         # kind: "paper_image" | "paper_text" (the paper's Table 8.1 layouts: 189,441 / 763,009 parameters at
         # 16 latent channels and 4096-d text) | "frame" | "frame_text" | "video3d" (this project's variants)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-DECODERS = ("world_autoencoder", "wan_vae")
+DECODERS = ("world_autoencoder", "wan_vae", "wan_vae_flax")
 
 
 def world_decoder(autoencoder_dir: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -42,6 +42,39 @@ def wan_vae_decoder(vae_path: str, device: str = "cpu", batch_size: int = 2) -> 
     return decode
 
 
+def wan_vae_flax_decoder(vae_path: str, batch_size: int = 2, **numerics) -> Callable[[np.ndarray], np.ndarray]:
+    """The Flax Wan VAE (dollar_jax/models/wan_vae.py) decoding on the default device under jit: no torch.
+
+    `vae_path` is a converted model folder or a diffusers AutoencoderKLWan folder. Latents are normalised as
+    tools/precompute_latents.py writes them; they are de-normalised with the config's latents_mean/std.
+    Batches of `batch_size` (the last one padded) keep one compiled shape per latent shape."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dollar_jax.checkpoint import load_wan_vae
+
+    vae = load_wan_vae(vae_path, **numerics)
+    graphdef, state = nnx.split(vae)
+
+    @jax.jit
+    def to_video(state, latents):
+        model = nnx.merge(graphdef, state)
+        video = model.decode(model.denormalize(latents))  # [N, T, H, W, 3] in [-1, 1]
+        return jnp.round((video + 1.0) * 127.5).astype(jnp.uint8)
+
+    def decode(latents: np.ndarray) -> np.ndarray:
+        latents = np.asarray(latents, np.float32)
+        out = []
+        for i in range(0, len(latents), batch_size):
+            chunk = latents[i:i + batch_size]
+            padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(to_video(state, padded))[:len(chunk)])
+        return np.concatenate(out)
+
+    return decode
+
+
 def make_decoder(kind: str, *, autoencoder_dir: str = "", vae_path: str = ""):
     if kind == "world_autoencoder":
         return world_decoder(autoencoder_dir)
@@ -49,4 +82,9 @@ def make_decoder(kind: str, *, autoencoder_dir: str = "", vae_path: str = ""):
         if not vae_path:
             raise ValueError("reward.decoder='wan_vae' needs reward.vae_path (a diffusers AutoencoderKLWan folder)")
         return wan_vae_decoder(vae_path)
+    if kind == "wan_vae_flax":
+        if not vae_path:
+            raise ValueError("reward.decoder='wan_vae_flax' needs reward.vae_path (a converted Wan VAE model "
+                             "folder or a diffusers AutoencoderKLWan folder)")
+        return wan_vae_flax_decoder(vae_path)
     raise ValueError(f"reward.decoder must be one of {DECODERS}, got {kind!r}")
