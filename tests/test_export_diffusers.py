@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 wan_reference = pytest.importorskip("wan_reference")
-from dollar_jax.checkpoint import CheckpointError, PARAMS_DIR, load_dit, read_model_folder_config, restore_pytree  # noqa: E402
-from dollar_jax.checkpoint import abstract_dit, write_model_folder  # noqa: E402
+from dollar_jax.checkpoint import PARAMS_DIR, CheckpointError, abstract_dit, load_dit  # noqa: E402
+from dollar_jax.checkpoint import read_model_folder_config, restore_pytree, write_model_folder  # noqa: E402
 from dollar_jax.convert import ConversionError, convert  # noqa: E402
 from dollar_jax.convert.wan import _flatten, _unflatten  # noqa: E402
 from dollar_jax.convert.wan_export import diffusers_tensors, export  # noqa: E402
@@ -26,25 +26,14 @@ STUDENT_TIMESTEPS = [999.0, 749.0, 499.0, 249.0]
 LATENT_SHAPE = (3, 4, 6, 4)  # [F, H, W, C] of the tiny Wan (4 channels)
 
 
-def make_student_folder(flax_folder: str, dst: str) -> str:
-    """A Wan-shaped student folder: the converted weights with the distillation job's student sections."""
-    section, blob = read_model_folder_config(flax_folder, "dit")
-    _, abstract, _ = abstract_dit(DiTConfig.from_dict(section))
-    params = restore_pytree(os.path.join(flax_folder, PARAMS_DIR), abstract)
-    write_model_folder(dst, {"dit": section, "diffusion": blob["diffusion"],
-                             "student": {"timesteps": STUDENT_TIMESTEPS, "sigma_data": 0.5, "timestep_scale": 10.0},
-                             "latents": {"shape": list(LATENT_SHAPE), "text_shape": [6, 32]},
-                             "source": {"format": "dollar-jax-student"}}, params)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model = wan_reference.build_wan(seed=3)
     wan_reference.save_diffusers(model, str(root / "torch"))
     convert(str(root / "torch"), str(root / "flax"))
-    student = make_student_folder(str(root / "flax"), str(root / "student"))
+    student = wan_reference.make_student_folder(str(root / "flax"), str(root / "student"), STUDENT_TIMESTEPS,
+                                               LATENT_SHAPE, (6, 32))
     # A small shard limit: the export is several shards with an index, as real checkpoints are.
     report = export(student, str(root / "hf"), max_shard_size="40KB")
     return {"root": root, "torch": model, "student": student, "hf": str(root / "hf"), "report": report}
