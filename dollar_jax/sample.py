@@ -346,33 +346,31 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from dollar_jax.cli_errors import run_reporting
+    import numpy as np
 
-    def run():
-        import numpy as np
-
-        prompts = None
-        if _PROMPTS.value:
-            prompts = read_prompts(_PROMPTS.value)
-        elif _PROMPTS_FILE.value:
-            prompts = read_prompts(_PROMPTS_FILE.value)
-        for flag in (_TEXT, _NULL):
-            if flag.value and not os.path.isfile(flag.value):
-                raise ValueError(f"--{flag.name} {flag.value}: no such file")
-        text = np.load(_TEXT.value) if _TEXT.value else None
-        null = np.load(_NULL.value) if _NULL.value else None
-        report = generate_folder(
-            _MODEL.value, _OUT.value, prompts, text, null, _STEPS.value, _GUIDANCE.value, _CONVENTION.value,
-            _NUM.value, _SEED.value, _FPS.value, text_encoder=_TEXT_ENCODER.value, tokenizer=_TOKENIZER.value,
-            vae=_VAE.value, vae_backend=_VAE_BACKEND.value, negative_prompt=_NEGATIVE.value,
-            max_text_length=_MAX_TEXT.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
-            mesh=_MESH.value, batch_size=_BATCH.value, dtype=_DTYPE.value, torch_dtype=_TORCH_DTYPE.value,
-            torch_device=_TORCH_DEVICE.value, teacher=_TEACHER.value)
-        summary = {k: v for k, v in report.items() if k not in ("files", "teacher")}
-        print(json.dumps(summary))
-
-    return run_reporting(run, _VERBOSE.value)
+    prompts = None
+    if _PROMPTS.value:
+        prompts = read_prompts(_PROMPTS.value)
+    elif _PROMPTS_FILE.value:
+        prompts = read_prompts(_PROMPTS_FILE.value)
+    for flag in (_TEXT, _NULL):
+        if flag.value and not os.path.isfile(flag.value):
+            raise ValueError(f"--{flag.name} {flag.value}: no such file")
+    text = np.load(_TEXT.value) if _TEXT.value else None
+    null = np.load(_NULL.value) if _NULL.value else None
+    report = generate_folder(
+        _MODEL.value, _OUT.value, prompts, text, null, _STEPS.value, _GUIDANCE.value, _CONVENTION.value,
+        _NUM.value, _SEED.value, _FPS.value, text_encoder=_TEXT_ENCODER.value, tokenizer=_TOKENIZER.value,
+        vae=_VAE.value, vae_backend=_VAE_BACKEND.value, negative_prompt=_NEGATIVE.value,
+        max_text_length=_MAX_TEXT.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
+        mesh=_MESH.value, batch_size=_BATCH.value, dtype=_DTYPE.value, torch_dtype=_TORCH_DTYPE.value,
+        torch_device=_TORCH_DEVICE.value, teacher=_TEACHER.value)
+    summary = {k: v for k, v in report.items() if k not in ("files", "teacher")}
+    print(json.dumps(summary))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    from dollar_jax.cli_errors import run_absl
+
+    sys.exit(run_absl(main))

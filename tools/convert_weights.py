@@ -14,8 +14,8 @@ import argparse
 import json
 import sys
 
-from dollar_jax.convert.safetensors_io import SafetensorsError
-from dollar_jax.convert.wan import LAYOUTS, ConversionError, convert
+from dollar_jax.cli_errors import run_reporting
+from dollar_jax.convert.wan import LAYOUTS, convert
 
 
 def main(argv=None) -> int:
@@ -25,15 +25,15 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored dtype")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="source key layout")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         report = convert(args.src, args.dst, dtype=args.dtype, layout=args.layout, overwrite=args.overwrite)
-    except (ConversionError, SafetensorsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    report.pop("config")
-    print(json.dumps(report))
-    return 0
+        report.pop("config")
+        print(json.dumps(report))
+
+    return run_reporting(run, args.verbose)
 
 
 if __name__ == "__main__":
