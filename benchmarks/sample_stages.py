@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--mesh", default="fsdp=-1")
+    p.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash"))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         shape = {"frames": args.frames, "height": args.height, "width": args.width}
     report = generate_folder(models["student"], args.out, PROMPTS, steps=args.steps, seed=0,
                              text_encoder=models["text_encoder"], tokenizer=models["tokenizer"], vae=models["vae"],
-                             max_text_length=models["max_text_length"], mesh=args.mesh, dtype=args.dtype,
+                             max_text_length=models["max_text_length"], mesh=args.mesh, dtype=args.dtype, attention=args.attention,
                              torch_dtype=args.dtype, teacher=models["teacher"], **shape)
     print(f"\n{'model':<10}{'NFE':>5}{'text s':>10}{'compile s':>11}{'diffusion s':>13}{'decode s':>10}{'e2e s':>9}")
     for name, r in (("student", report), ("teacher", report["teacher"])):

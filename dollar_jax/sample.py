@@ -59,6 +59,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Videos per diffusion batch (0: a
                               "multiple of the mesh's data x fsdp size.")
 _MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh axes, e.g. data=2,fsdp=4 (one may be -1).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "DiT compute dtype.")
+_ATTENTION = flags.DEFINE_enum("attention", "xla", ["xla", "cudnn", "splash"], "DiT attention kernel (xla "
+                               "materialises the scores: use cudnn on GPUs, splash on TPUs for 480p clips).")
 _TORCH_DTYPE = flags.DEFINE_enum("torch_dtype", "float32", ["float32", "bfloat16"], "umT5 and torch VAE dtype.")
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "auto", "Device of umT5 / the torch VAE (auto: cuda if any).")
 _TEACHER = flags.DEFINE_string("teacher", None, "Also sample this teacher folder (same prompts and noise) and "
@@ -159,7 +161,7 @@ def _mesh(spec: str | None):
 
 
 def diffuse(model_dir: str, blob: dict, spec, text, null, latent_shape, seed: int, mesh, batch_size: int,
-            stages: Stages, dtype: str = "float32"):
+            stages: Stages, dtype: str = "float32", attention: str = "xla"):
     """Sample len(text) latents with the DiT of `model_dir` (batch over data x fsdp). Video i's noise depends on
     (seed, i) only; re-noising on (seed, its batch)."""
     import jax
@@ -170,7 +172,7 @@ def diffuse(model_dir: str, blob: dict, spec, text, null, latent_shape, seed: in
 
     schedule, prediction_type, _ = teacher_parameterisation(model_dir)
     with jax.set_mesh(mesh):
-        model = stages.run("load model", load_dit, model_dir, mesh=mesh, dtype=dtype)
+        model = stages.run("load model", load_dit, model_dir, mesh=mesh, dtype=dtype, attention=attention)
     if model.config.text_dim != text.shape[-1]:
         raise ValueError(f"Text embeddings are {text.shape[-1]}-wide but {model_dir} expects text_dim "
                          f"{model.config.text_dim}: wrong --text_encoder?")
@@ -219,7 +221,7 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
                     convention="uncond_anchor", num_per_prompt=1, seed=0, fps=None, *, text_encoder=None,
                     tokenizer=None, vae=None, vae_backend="torch", negative_prompt="", max_text_length=None,
                     frames=None, height=None, width=None, mesh=None, batch_size=0, dtype="float32",
-                    torch_dtype="float32", torch_device="auto", teacher=None) -> dict:
+                    attention="xla", torch_dtype="float32", torch_device="auto", teacher=None) -> dict:
     """Sample `model_dir` (and `teacher`, for the speed-up) into `out`; returns the report written to
     out/sample.json. See the module docstring for the inputs of each kind of model."""
     # Folders first, before anything heavy is imported or loaded: a misspelled path fails in a second.
@@ -305,7 +307,8 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
                                  guidance if guidance is not None else default, convention)
         st = Stages(label)
         st.seconds.update({k: v for k, v in stages.seconds.items() if k == "text"})
-        latents = diffuse(folder_dir, folder_blob, spec, text, null, latent_shape, seed, mesh_, batch_size, st, dtype)
+        latents = diffuse(folder_dir, folder_blob, spec, text, null, latent_shape, seed, mesh_, batch_size, st, dtype,
+                          attention)
         files = []
         if decode is not None:
             videos = st.run("decode", decode, latents)
@@ -363,7 +366,8 @@ def main(argv):
         _NUM.value, _SEED.value, _FPS.value, text_encoder=_TEXT_ENCODER.value, tokenizer=_TOKENIZER.value,
         vae=_VAE.value, vae_backend=_VAE_BACKEND.value, negative_prompt=_NEGATIVE.value,
         max_text_length=_MAX_TEXT.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
-        mesh=_MESH.value, batch_size=_BATCH.value, dtype=_DTYPE.value, torch_dtype=_TORCH_DTYPE.value,
+        mesh=_MESH.value, batch_size=_BATCH.value, dtype=_DTYPE.value, attention=_ATTENTION.value,
+        torch_dtype=_TORCH_DTYPE.value,
         torch_device=_TORCH_DEVICE.value, teacher=_TEACHER.value)
     summary = {k: v for k, v in report.items() if k not in ("files", "teacher")}
     print(json.dumps(summary))
