@@ -37,6 +37,8 @@ def _config_key_error(error: BaseException, argv) -> str | None:
         return None
     flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and
                  a.split("=", 1)[0].split(".")[-1] == key), None)
+    if flag is None and "Did you mean" not in hint:
+        return None  # some other AttributeError/KeyError (a bug, say): not to be explained as a config key
     where = f"{flag}: " if flag else ""
     return (f"{where}{key!r} is not a config key{'; ' + hint.strip() if hint.strip() else ''} "
             f"(the keys are listed in dollar_jax/config.py base_config())")

@@ -67,6 +67,8 @@ _TEACHER = flags.DEFINE_string("teacher", None, "Also sample this teacher folder
                                "report the speed-up.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _FPS = flags.DEFINE_integer("fps", None, "Frames per second of the written videos (default: Wan 16, world 8).")
+_SAVE_FRAMES = flags.DEFINE_bool("save_frames", False, "Also write videos.npy: the exact uint8 frames (MP4 is lossy; "
+                                  "about 100 MB per 81-frame 480p clip).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error.")
 flags.mark_flags_as_required(["model", "out"])
 
@@ -221,7 +223,8 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
                     convention="uncond_anchor", num_per_prompt=1, seed=0, fps=None, *, text_encoder=None,
                     tokenizer=None, vae=None, vae_backend="torch", negative_prompt="", max_text_length=None,
                     frames=None, height=None, width=None, mesh=None, batch_size=0, dtype="float32",
-                    attention="xla", torch_dtype="float32", torch_device="auto", teacher=None) -> dict:
+                    attention="xla", torch_dtype="float32", torch_device="auto", teacher=None,
+                    save_frames=False) -> dict:
     """Sample `model_dir` (and `teacher`, for the speed-up) into `out`; returns the report written to
     out/sample.json. See the module docstring for the inputs of each kind of model."""
     # Folders first, before anything heavy is imported or loaded: a misspelled path fails in a second.
@@ -318,7 +321,7 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
             grid = video_io.grid(videos, upscale=2 if world else 1)
             files.append(video_io.write_gif(os.path.join(sub_out, "grid.gif"), grid, fps) if world
                          else video_io.write_mp4(os.path.join(sub_out, "grid.mp4"), grid, fps))
-            if not world:  # the exact frames, for checks that MP4 compression would blur
+            if save_frames and not world:  # the exact frames, for checks that MP4 compression would blur
                 np.save(os.path.join(sub_out, "videos.npy"), videos)
                 files.append(os.path.join(sub_out, "videos.npy"))
         os.makedirs(sub_out, exist_ok=True)
@@ -367,7 +370,7 @@ def main(argv):
         vae=_VAE.value, vae_backend=_VAE_BACKEND.value, negative_prompt=_NEGATIVE.value,
         max_text_length=_MAX_TEXT.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
         mesh=_MESH.value, batch_size=_BATCH.value, dtype=_DTYPE.value, attention=_ATTENTION.value,
-        torch_dtype=_TORCH_DTYPE.value,
+        torch_dtype=_TORCH_DTYPE.value, save_frames=_SAVE_FRAMES.value,
         torch_device=_TORCH_DEVICE.value, teacher=_TEACHER.value)
     summary = {k: v for k, v in report.items() if k not in ("files", "teacher")}
     print(json.dumps(summary))

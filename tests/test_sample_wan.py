@@ -41,7 +41,7 @@ def sampled(models, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("videos"))
     report = generate_folder(models["student"], out, PROMPTS, steps=4, seed=0, text_encoder=models["text_encoder"],
                              tokenizer=models["tokenizer"], vae=models["vae"], negative_prompt="blurry",
-                             mesh="data=2,fsdp=1", teacher=models["teacher"])
+                             mesh="data=2,fsdp=1", teacher=models["teacher"], save_frames=True)
     return out, report
 
 
