@@ -165,6 +165,9 @@ def write_model_folder(folder: str, sections: dict[str, Any], params) -> str:
 def read_model_folder_config(folder: str, section: str) -> tuple[dict, dict]:
     """(config.json[section], the whole config.json) of a model folder."""
     path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"No model folder at {folder}: the path does not exist (check the flag or config key "
+                              f"that names it)")
     if not os.path.exists(path):
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}: not a dollar-jax model folder")
     with open(path) as f:

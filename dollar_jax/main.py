@@ -17,6 +17,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, samples, reports.")
+flags.DEFINE_bool("verbose", False, "Print the traceback of an error (otherwise one line naming the problem).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -92,4 +93,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    from dollar_jax.cli_errors import run_absl
+
+    sys.exit(run_absl(main))

@@ -41,23 +41,9 @@ def _load_tool():
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    import wan_reference
 
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[True], latents_mean=LATENTS_MEAN,
-                     latents_std=LATENTS_STD).save_pretrained(str(root / "vae"))
-    UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, num_layers=1, num_heads=2, d_ff=32,
-                                relative_attention_num_buckets=8)).save_pretrained(str(root / "text_encoder"))
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(root / "tokenizer"))
-    return {k: str(root / k) for k in ("vae", "text_encoder", "tokenizer")}
+    return wan_reference.save_tiny_wan_encoders(tmp_path_factory.mktemp("weights"), WORDS, LATENTS_MEAN, LATENTS_STD)
 
 
 def _videos(folder, rng):

@@ -94,3 +94,42 @@ def torch_forward(model, latents_bfhwc: np.ndarray, timesteps: np.ndarray, text:
 
 def relative_error(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def make_student_folder(flax_folder: str, dst: str, timesteps, latent_shape, text_shape) -> str:
+    """A Wan-shaped student folder: converted weights plus the sections the distillation job writes."""
+    from dollar_jax.checkpoint import PARAMS_DIR, abstract_dit, read_model_folder_config, restore_pytree
+    from dollar_jax.checkpoint import write_model_folder
+    from dollar_jax.models.dit_config import DiTConfig
+
+    section, blob = read_model_folder_config(flax_folder, "dit")
+    _, abstract, _ = abstract_dit(DiTConfig.from_dict(section))
+    params = restore_pytree(os.path.join(flax_folder, PARAMS_DIR), abstract)
+    return write_model_folder(dst, {
+        "dit": section, "diffusion": blob["diffusion"],
+        "student": {"timesteps": list(timesteps), "sigma_data": 0.5, "timestep_scale": 10.0},
+        "latents": {"shape": list(latent_shape), "text_shape": list(text_shape)},
+        "source": {"format": "dollar-jax-student"}}, params)
+
+
+def save_tiny_wan_encoders(root, words, latents_mean, latents_std, text_dim: int = 16) -> dict[str, str]:
+    """Tiny random Wan companions saved as local folders: diffusers AutoencoderKLWan (z_dim 4, 2x spatial and
+    temporal), transformers UMT5EncoderModel (d_model `text_dim`) and a WordLevel tokenizer over `words`."""
+    from diffusers import AutoencoderKLWan
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    root = str(root)
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, attn_scales=[],
+                     temperal_downsample=[True], latents_mean=list(latents_mean),
+                     latents_std=list(latents_std)).save_pretrained(os.path.join(root, "vae"))
+    UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=text_dim, d_kv=8, num_layers=1, num_heads=2,
+                                d_ff=32, relative_attention_num_buckets=8)).save_pretrained(
+        os.path.join(root, "text_encoder"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(os.path.join(root, "tokenizer"))
+    return {k: os.path.join(root, k) for k in ("vae", "text_encoder", "tokenizer")}

@@ -23,8 +23,8 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
+from dollar_jax.cli_errors import run_reporting  # noqa: E402
 from dollar_jax.convert import wan_vae  # noqa: E402
-from dollar_jax.convert.safetensors_io import SafetensorsError  # noqa: E402
 from dollar_jax.convert.wan import LAYOUTS, ConversionError, convert  # noqa: E402
 
 
@@ -36,8 +36,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored dtype")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="source key layout (--kind=dit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         if args.kind == "vae":
             if args.layout not in ("auto", "diffusers"):
                 raise ConversionError("--kind=vae reads diffusers' AutoencoderKLWan layout only")
@@ -45,11 +47,9 @@ def main(argv=None) -> int:
         else:
             report = convert(args.src, args.dst, dtype=args.dtype, layout=args.layout, overwrite=args.overwrite)
             report.pop("config")
-    except (ConversionError, SafetensorsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(report))
-    return 0
+        print(json.dumps(report))
+
+    return run_reporting(run, args.verbose)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dollar_jax.data.real_videos import DTYPES, PrecomputeError, precompute
+from dollar_jax.cli_errors import run_reporting
+from dollar_jax.data.real_videos import DTYPES, precompute
 
 
 def main(argv=None) -> int:
@@ -52,17 +53,17 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--cache", help="per-video cache folder (default: <out>/<name>.cache)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kwargs = vars(args)
     kwargs["progress"] = not kwargs.pop("no_progress")
-    try:
-        summary = precompute(**kwargs)
-    except PrecomputeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0
+    verbose = kwargs.pop("verbose")
+
+    def run():
+        print(json.dumps(precompute(**kwargs)))
+
+    return run_reporting(run, verbose)
 
 
 if __name__ == "__main__":

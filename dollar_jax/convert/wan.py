@@ -37,24 +37,30 @@ class ConversionError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
+    """One torch <-> Flax tensor layout change, in both directions (import and export share the table)."""
+
     name: str
     shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # source shape -> Flax shape (for checking)
-    apply: Callable[[np.ndarray], np.ndarray]  # may return a view
+    apply: Callable[[np.ndarray], np.ndarray]  # torch -> Flax; may return a view
+    # Flax -> torch, given the model's DiTConfig (a patch kernel does not know its own patch size).
+    invert: Callable[[np.ndarray, DiTConfig], np.ndarray]
 
 
-IDENTITY = Transform("identity", lambda s: s, lambda a: a)
+IDENTITY = Transform("identity", lambda s: s, lambda a: a, lambda a, c: a)
 # torch Linear stores (out, in); Flax Dense uses (in, out).
-LINEAR = Transform("linear", lambda s: s[::-1] if len(s) == 2 else ("bad", s), lambda a: a.T)
+LINEAR = Transform("linear", lambda s: s[::-1] if len(s) == 2 else ("bad", s), lambda a: a.T, lambda a, c: a.T)
 # Conv3d (out, in, pt, ph, pw) with stride == kernel == patch is a matmul over flattened (pt, ph, pw, in)
 # patches; that flattening order is the one WanDiT's patchify uses.
 CONV3D_TO_PATCH = Transform(
     "conv3d_to_patch",
     lambda s: (s[2] * s[3] * s[4] * s[1], s[0]) if len(s) == 5 else ("bad", s),
     lambda a: a.transpose(2, 3, 4, 1, 0).reshape(-1, a.shape[0]),
+    lambda a, c: a.reshape(*c.patch_size, c.in_channels, a.shape[-1]).transpose(4, 3, 0, 1, 2),
 )
 # The modulation tables are stored as (1, n, dim); the Flax parameter is (n, dim).
 SQUEEZE_LEADING = Transform(
-    "squeeze_leading", lambda s: s[1:] if len(s) > 1 and s[0] == 1 else ("bad", s), lambda a: a[0]
+    "squeeze_leading", lambda s: s[1:] if len(s) > 1 and s[0] == 1 else ("bad", s), lambda a: a[0],
+    lambda a, c: a[None],
 )
 
 

@@ -230,8 +230,9 @@ def _torch_dtype(dtype: str):
 class WanEncoders:
     """diffusers' AutoencoderKLWan + transformers' UMT5EncoderModel and tokenizer, from local folders."""
 
-    def __init__(self, vae: str, text_encoder: str, tokenizer: str | None = None, dtype: str = "float32",
+    def __init__(self, vae: str | None, text_encoder: str, tokenizer: str | None = None, dtype: str = "float32",
                  device: str = "auto", max_text_length: int = 512):
+        """`vae=None` loads the text side only (what `dollar_jax.sample` needs to encode prompts)."""
         import torch
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -240,12 +241,15 @@ class WanEncoders:
         self.dtype = _torch_dtype(dtype)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.max_text_length = max_text_length
-        self.vae = _load("--vae", vae, lambda p: AutoencoderKLWan.from_pretrained(
-            p, torch_dtype=self.dtype, local_files_only=True)).to(self.device).eval()
         self.text_encoder = _load("--text_encoder", text_encoder, lambda p: UMT5EncoderModel.from_pretrained(
             p, dtype=self.dtype, local_files_only=True)).to(self.device).eval()
         self.tokenizer = _load("--tokenizer", tokenizer,
                                lambda p: AutoTokenizer.from_pretrained(p, local_files_only=True))
+        self.vae = None
+        if vae is None:
+            return
+        self.vae = _load("--vae", vae, lambda p: AutoencoderKLWan.from_pretrained(
+            p, torch_dtype=self.dtype, local_files_only=True)).to(self.device).eval()
         cfg = self.vae.config
         self.latents_mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dollar_jax.paths import Paths
 
 
-def conditioning_sections(config, workdir: str, latent_shape) -> dict:
-    """What a model folder needs to generate on its own: latent shape, and in the embedded world the text
-    encoder's settings and where the autoencoder lives (so `python -m dollar_jax.sample` can decode)."""
-    out = {"latents": {"shape": list(latent_shape)}}
+def conditioning_sections(config, workdir: str, latent_shape, text_shape) -> dict:
+    """What a model folder needs to generate on its own: latent and text-embedding shapes (the umT5 length a
+    real model was trained with), and in the embedded world the text encoder's settings and where the
+    autoencoder lives (so `python -m dollar_jax.sample` can decode)."""
+    out = {"latents": {"shape": list(latent_shape), "text_shape": list(text_shape)}}
     if config.embedded_world:
         w = config.world
         out["text"] = {"encoder": "world_words", "max_length": config.text.max_length, "dim": config.text.dim,

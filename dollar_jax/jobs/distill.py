@@ -236,6 +236,6 @@ def run(config, workdir: str) -> str:
         "student": student_section(dc, schedule),
         "source": {"format": "dollar-jax-student", "teacher": folder, "steps": int(state.step), "weights": dc.export,
                    "vsd_weight": dc.vsd_weight, "cd_weight": dc.cd_weight},
-        **conditioning_sections(config, workdir, check_dataset_fits(config, paths.data, student_dit(config, folder))[0]),
+        **conditioning_sections(config, workdir, *check_dataset_fits(config, paths.data, student_dit(config, folder))),
     }, params)
     return out

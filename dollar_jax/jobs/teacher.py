@@ -137,6 +137,6 @@ def run(config, workdir: str) -> str:
         "diffusion": {"schedule": d.schedule, "prediction_type": d.prediction_type, "beta_schedule": d.beta_schedule,
                       "beta_start": d.beta_start, "beta_end": d.beta_end, "flow_shift": d.flow_shift},
         "source": {"format": "dollar-jax-teacher", "steps": int(state.step), "weights": "ema"},
-        **conditioning_sections(config, workdir, check_dataset_fits(config, paths.data, dit_config(config))[0]),
+        **conditioning_sections(config, workdir, *check_dataset_fits(config, paths.data, dit_config(config))),
     }, state.ema["teacher"])
     return paths.teacher

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.world import world_config
@@ -27,6 +29,10 @@ def build_videos(config, workdir: str) -> str:
     if arrays_dataset.exists(paths.data, name):
         arrays_dataset.check_features(paths.data, name, spec)
         return arrays_dataset.dataset_path(paths.data, name)
+    if config.data.dir:  # an explicit folder without the dataset is often a typo: say so before building
+        print(f"WARNING: config.data.dir={config.data.dir} holds no dataset {name!r}"
+              f"{'' if os.path.isdir(paths.data) else ' (the folder does not exist)'}: building a new one there. "
+              f"If you meant an existing dataset, stop and check the path.", file=sys.stderr, flush=True)
     seed = config.world.seed
     log.info("building %s: %d train + %d validation clips", name, config.world.num_train, config.world.num_val)
     return arrays_dataset.write(

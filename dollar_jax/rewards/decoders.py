@@ -19,24 +19,81 @@ def world_decoder(autoencoder_dir: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda latents: world_eval.decode(ae, jax.device_get(latents))
 
 
-def wan_vae_decoder(vae_path: str, device: str = "cpu", batch_size: int = 2) -> Callable[[np.ndarray], np.ndarray]:
-    """diffusers' AutoencoderKLWan from a local folder. Latents are normalised the way
-    tools/precompute_latents.py writes them: (z - latents_mean) / latents_std per channel."""
+VAE_BACKENDS = ("torch", "flax")
+
+
+def wan_latent_stats(vae_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (latents_mean, latents_std) of a diffusers AutoencoderKLWan folder (its config.json)."""
+    import json
+    import os
+
+    path = os.path.join(vae_path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--vae {vae_path}: no config.json there (expected a diffusers AutoencoderKLWan folder, "
+                         f"e.g. Wan2.1-T2V-1.3B-Diffusers/vae)")
+    with open(path) as f:
+        cfg = json.load(f)
+    mean, std = (np.asarray(cfg.get(k) or [], np.float32) for k in ("latents_mean", "latents_std"))
+    if len(mean) != cfg.get("z_dim") or len(std) != cfg.get("z_dim"):
+        raise ValueError(f"--vae {vae_path}: latents_mean/latents_std have {len(mean)}/{len(std)} entries, "
+                         f"z_dim is {cfg.get('z_dim')}")
+    return mean, std
+
+
+def _torch_wan_decode(vae_path: str, device: str, dtype: str) -> Callable[[np.ndarray], np.ndarray]:
+    """diffusers' AutoencoderKLWan: un-normalised channels-last latents -> float pixels [N, T, H, W, 3]."""
     import torch
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(vae_path).to(device).eval()
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    try:
+        vae = AutoencoderKLWan.from_pretrained(vae_path, torch_dtype=getattr(torch, dtype), local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"--vae {vae_path}: cannot load a diffusers AutoencoderKLWan ({type(e).__name__}: {e})") from e
+    vae = vae.to(torch_device).eval()
+
+    def decode(z: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(z.transpose(0, 4, 1, 2, 3)))
+            video = vae.decode(x.to(torch_device, vae.dtype)).sample  # [N, 3, T, H, W] in [-1, 1]
+            return video.float().permute(0, 2, 3, 4, 1).cpu().numpy()
+
+    return decode
+
+
+def _flax_wan_decode(vae_path: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The Flax Wan VAE (dollar_jax/models/wan_vae.py): the same contract as `_torch_wan_decode`."""
+    try:
+        from dollar_jax.models import wan_vae  # noqa: F401
+    except ImportError as e:
+        raise ValueError("--vae_backend=flax needs the Flax Wan VAE (dollar_jax/models/wan_vae.py), which this build "
+                         "does not have yet; use --vae_backend=torch") from e
+    raise ValueError("--vae_backend=flax: dollar_jax/models/wan_vae.py is present but not wired into "
+                     "dollar_jax/rewards/decoders.py (_flax_wan_decode) yet; use --vae_backend=torch")
+
+
+def wan_vae_decoder(vae_path: str, device: str = "cpu", batch_size: int = 2, backend: str = "torch",
+                    dtype: str = "float32") -> Callable[[np.ndarray], np.ndarray]:
+    """Normalised latents [N, F, H, W, C] -> uint8 videos [N, T, H, W, 3] with the Wan VAE of `vae_path`.
+
+    Latents are normalised the way tools/precompute_latents.py writes them, (z - latents_mean) / latents_std
+    per channel. Only the network differs between backends ("torch": diffusers' AutoencoderKLWan; "flax": the
+    Flax port); the un-normalisation, batching and uint8 quantisation here are shared.
+    """
+    if backend not in VAE_BACKENDS:
+        raise ValueError(f"--vae_backend must be one of {VAE_BACKENDS}, got {backend!r}")
+    mean, std = wan_latent_stats(vae_path)
+    network = _torch_wan_decode(vae_path, device, dtype) if backend == "torch" else _flax_wan_decode(vae_path)
 
     def decode(latents: np.ndarray) -> np.ndarray:
+        latents = np.asarray(latents, np.float32)
+        if latents.ndim != 5 or latents.shape[-1] != len(mean):
+            raise ValueError(f"Latents of shape {latents.shape} do not fit the VAE at {vae_path}: it decodes "
+                             f"[N, F, H, W, {len(mean)}]")
         out = []
-        with torch.no_grad():
-            for i in range(0, len(latents), batch_size):
-                z = torch.from_numpy(np.asarray(latents[i:i + batch_size], np.float32)).permute(0, 4, 1, 2, 3)
-                video = vae.decode(z * std + mean).sample  # [N, 3, T, H, W] in [-1, 1]
-                video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                out.append(video.permute(0, 2, 3, 4, 1).cpu().numpy())
+        for i in range(0, len(latents), batch_size):
+            video = network(latents[i:i + batch_size] * std + mean)
+            out.append(((np.clip(video, -1.0, 1.0) + 1.0) * np.float32(127.5)).round().astype(np.uint8))
         return np.concatenate(out)
 
     return decode
