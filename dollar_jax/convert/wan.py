@@ -42,8 +42,9 @@ class Transform:
     name: str
     shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # source shape -> Flax shape (for checking)
     apply: Callable[[np.ndarray], np.ndarray]  # torch -> Flax; may return a view
-    # Flax -> torch, given the model's DiTConfig (a patch kernel does not know its own patch size).
-    invert: Callable[[np.ndarray, DiTConfig], np.ndarray]
+    # Flax -> torch, given the model's config (a patch kernel does not know its own patch size); None for a
+    # table that is only ever read one way (the VAE's: nothing exports a VAE).
+    invert: Callable[[np.ndarray, DiTConfig], np.ndarray] | None = None
 
 
 IDENTITY = Transform("identity", lambda s: s, lambda a: a, lambda a, c: a)

@@ -33,6 +33,7 @@ CONV = Transform(
     "conv_channels_last",
     lambda s: (*s[2:], s[1], s[0]) if len(s) >= 3 else ("bad", s),
     lambda a: a.transpose(*range(2, a.ndim), 1, 0),
+    lambda a, c: a.transpose(a.ndim - 1, a.ndim - 2, *range(a.ndim - 2)),
 )
 # WanRMS_norm's gamma is stored broadcastable, (C, 1, 1) or (C, 1, 1, 1); the Flax scale is (C,).
 RMS_GAMMA = Transform(
