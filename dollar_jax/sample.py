@@ -19,6 +19,8 @@ import time
 
 from absl import app, flags
 
+from dollar_jax import storage
+
 _MODEL = flags.DEFINE_string("model", None, "Model folder (teacher or student).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Prompts separated by ';' (embedded-world models).")
@@ -88,7 +90,7 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
     t0 = time.perf_counter()
     latents = np.asarray(jax.block_until_ready(generate(*args)))
     seconds = time.perf_counter() - t0
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)  # a local folder, or gs://bucket/... as is
     files = []
     if world:
         from dollar_jax.eval import world_eval
@@ -101,11 +103,11 @@ def generate_folder(model_dir: str, out: str, prompts=None, text=None, null=None
         files.append(video_io.write_gif(os.path.join(out, "grid.gif"), video_io.grid(videos, upscale=2), fps))
     else:
         files.append(os.path.join(out, "latents.npy"))
-        np.save(files[-1], latents)
+        with storage.local_file(files[-1]) as local:
+            np.save(local, latents)
     report = {"model": model_dir, "sampler": what, "network_evaluations": spec.network_evaluations,
               "diffusion_seconds": seconds, "videos": len(latents), "files": files}
-    with open(os.path.join(out, "sample.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json(os.path.join(out, "sample.json"), report, indent=2)
     return report
 
 

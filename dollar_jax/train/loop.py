@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import periodic_actions
 
+from dollar_jax import storage
 from dollar_jax.data.pipeline import batch_sharding, numeric, to_global
 from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.rules import axis_rules
@@ -78,7 +78,7 @@ def _fmt_eta(seconds: float) -> str:
 
 def train(job: Job, config, workdir: str) -> TrainState:
     """Run `job` to `job.total_steps`, resuming from <workdir>/checkpoints. Returns the final state."""
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     mesh = make_mesh(dict(config.mesh))
     rules = list(config.sharding_rules) if config.sharding_rules else None
     with jax.set_mesh(mesh), axis_rules(rules):
@@ -90,7 +90,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
     shardings = state_shardings(job.roles, abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+    ckpt = RunCheckpointer(storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                            asynchronous=config.checkpoint.asynchronous)
     data_iter = iter(job.dataset)
     restored = ckpt.restore_latest(target, with_host=job.host_state is not None)
