@@ -170,16 +170,23 @@ def stage_local(src: str, marker: str) -> str:
     scheme, rest = os.fspath(src).split("://", 1)
     local = os.path.join(cache_root(), scheme, rest.strip("/"))
     stamp = os.path.join(local, ".staged.json")
-    if os.path.exists(stamp):
+
+    def current() -> bool:
+        if not os.path.exists(stamp):
+            return False
         with open(stamp) as f:
-            if json.load(f) == listing:
-                return local
+            return json.load(f) == listing
+
+    if current():
+        return local
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(local)}.staging-", dir=os.path.dirname(local))
     try:
         copy_tree(src, tmp, last=marker)
         with open(os.path.join(tmp, ".staged.json"), "w") as f:
             json.dump(listing, f)
+        if current():  # another process on this host finished first: use its copy, never delete it
+            return local
         shutil.rmtree(local, ignore_errors=True)  # an older copy of a changed source
         try:
             os.rename(tmp, local)
