@@ -40,6 +40,7 @@ def test_object_store_workdir_is_never_a_local_folder(tmp_path):
     # override still fails first, and nothing named "gs:" appears in the working directory.
     out = subprocess.run([sys.executable, "-m", "dollar_jax.main", f"--config={ROOT}/configs/world_teacher.py:quick",
                           "--workdir=gs://bucket/run", "--config.nan_policy=ignore"], cwd=tmp_path,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode != 0 and "nan_policy" in out.stderr
     assert not (tmp_path / "gs:").exists()
