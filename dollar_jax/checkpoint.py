@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dollar_jax import storage
 from dollar_jax.diffusion.schedules import make_schedule
 from dollar_jax.models.autoencoder import Autoencoder, AutoencoderConfig
 from dollar_jax.models.dit import WanDiT
@@ -46,7 +47,7 @@ def save_pytree(path: str, tree) -> None:
     largest_gb = max((leaf.nbytes for leaf in leaves), default=0) / 1e9
     tree = jax.tree.map(lambda x: jax.device_put(x, may_alias=True) if isinstance(x, np.ndarray) else x, tree)
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1.01 * largest_gb + 0.01, use_compression=False)
-    ocp.Checkpointer(handler).save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
+    ocp.Checkpointer(handler).save(storage.resolve(path), args=ocp.args.PyTreeSave(tree))
 
 
 def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
@@ -60,11 +61,11 @@ def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
 
 def stored_shapes(path: str) -> dict:
     """{flat key: (shape, dtype)} of an Orbax checkpoint, from its metadata only."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = storage.resolve(path)
+    if not storage.exists(path):
         raise CheckpointError(f"No checkpoint at {path}")
-    if not os.path.exists(os.path.join(path, "commit_success.txt")) and not os.path.exists(
-        os.path.join(path, "_CHECKPOINT_METADATA")
+    if not storage.exists(storage.join(path, "commit_success.txt")) and not storage.exists(
+        storage.join(path, "_CHECKPOINT_METADATA")
     ):
         raise CheckpointError(f"{path} is not a finished Orbax checkpoint (no commit marker): partial write?")
     try:
@@ -117,7 +118,7 @@ def restore_pytree(path: str, target):
         lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
         target)
     try:
-        return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+        return ocp.StandardCheckpointer().restore(storage.resolve(path), target)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"Reading the arrays of {path} failed (corrupt or truncated?): {e}") from e
 
@@ -128,8 +129,13 @@ def restore_pytree(path: str, target):
 
 
 def write_model_folder(folder: str, sections: dict[str, Any], params) -> str:
-    """Write a complete model folder atomically (a `.<name>.partial` sibling, renamed when complete).
+    """Write a complete model folder; config.json is what marks it complete (readers check for it).
 
+    Locally the folder is built as a `.<name>.partial` sibling and renamed into place when complete, so an
+    existing folder is replaced at once. On object stores (gs://, no directory rename) the folder is
+    written in place: an older one is removed first, then params/ (Orbax commits it with its own marker),
+    then config.json last; an interrupted export leaves a folder without config.json, which counts as
+    absent and is rewritten by the next export.
     `sections` become config.json, e.g. {"dit": DiTConfig dict, "diffusion": {...}, "source": {...}}.
     `params` may be global arrays sharded over several hosts: every process calls this, each writes its own
     shards (Orbax), and process 0 alone writes config.json and renames; barriers keep them in step.
@@ -138,40 +144,49 @@ def write_model_folder(folder: str, sections: dict[str, Any], params) -> str:
 
     from jax.experimental import multihost_utils
 
-    folder = os.path.abspath(folder)
-    tmp = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.partial")
+    folder = storage.resolve(folder)
+    remote = storage.is_remote(folder)
+    config_text = json.dumps(sections, indent=2, sort_keys=True, default=list)
+    tmp = folder if remote else os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.partial")
     leader = jax.process_index() == 0
     try:
         if leader:
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier export
-            os.makedirs(tmp)
-            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-                json.dump(sections, f, indent=2, sort_keys=True, default=list)
+            storage.rmtree(tmp)  # a crashed earlier export (or, on a store, the folder being replaced)
+            storage.makedirs(tmp)
+            if not remote:
+                storage.write_text(os.path.join(tmp, CONFIG_FILE), config_text)
         multihost_utils.sync_global_devices(f"model folder {folder}: started")
-        save_pytree(os.path.join(tmp, PARAMS_DIR), params)
+        save_pytree(storage.join(tmp, PARAMS_DIR), params)
         multihost_utils.sync_global_devices(f"model folder {folder}: written")
         if leader:
-            if os.path.exists(folder):
-                shutil.rmtree(folder)
-            os.rename(tmp, folder)
+            if remote:
+                storage.write_text(storage.join(folder, CONFIG_FILE), config_text)  # the completion marker
+            else:
+                if os.path.exists(folder):
+                    shutil.rmtree(folder)
+                os.rename(tmp, folder)
         multihost_utils.sync_global_devices(f"model folder {folder}: done")
     except BaseException:
-        if leader:
+        if leader and not remote:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
+def model_folder_exists(folder: str) -> bool:
+    """True when `folder` holds a complete model folder (its config.json, written last, exists)."""
+    return storage.exists(storage.join(folder, CONFIG_FILE))
+
+
 def read_model_folder_config(folder: str, section: str) -> tuple[dict, dict]:
     """(config.json[section], the whole config.json) of a model folder."""
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isdir(folder):
+    path = storage.join(folder, CONFIG_FILE)
+    if not storage.is_remote(folder) and not os.path.isdir(folder):
         raise CheckpointError(f"No model folder at {folder}: the path does not exist (check the flag or config key "
                               f"that names it)")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}: not a dollar-jax model folder")
-    with open(path) as f:
-        blob = json.load(f)
+    blob = storage.read_json(path)
     if section not in blob:
         raise CheckpointError(f"{path} has no {section!r} section (has {sorted(blob)})")
     return blob[section], blob
@@ -210,7 +225,7 @@ def load_dit(folder: str, mesh: jax.sharding.Mesh | None = None, **numerics) -> 
     graphdef, abstract, axes = abstract_dit(config)
     shardings = tree_shardings(mesh, abstract, axes)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    params = restore_pytree(os.path.join(folder, PARAMS_DIR), target)
+    params = restore_pytree(storage.join(folder, PARAMS_DIR), target)
     return nnx.merge(graphdef, params)
 
 
@@ -231,7 +246,7 @@ def _load_small(folder: str, section: str, build):
     d, _ = read_model_folder_config(folder, section)
     graphdef, state = nnx.split(abstract(lambda: build(d)))
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(state))
-    return nnx.merge(graphdef, restore_pytree(os.path.join(folder, PARAMS_DIR), target))
+    return nnx.merge(graphdef, restore_pytree(storage.join(folder, PARAMS_DIR), target))
 
 
 def load_autoencoder(folder: str) -> Autoencoder:
@@ -285,6 +300,7 @@ __all__ = [
     "load_dit",
     "load_wan_vae",
     "load_world_encoder",
+    "model_folder_exists",
     "read_model_config",
     "read_model_folder_config",
     "write_model_folder",

@@ -8,7 +8,6 @@ saving the step in progress: run the same command again to resume (launch/ super
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -16,7 +15,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, samples, reports.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (a local path or gs://bucket/...): checkpoints, "
+                                "metrics, samples, reports.")
 flags.DEFINE_bool("verbose", False, "Print the traceback of an error (otherwise one line naming the problem).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -65,11 +65,9 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax/tfds chatter
     logging.getLogger("dollar_jax").setLevel(logging.INFO)
-    if "://" in _WORKDIR.value:
-        raise app.UsageError(
-            f"--workdir={_WORKDIR.value}: object-store URLs are not opened directly (every writer here uses local "
-            "file APIs). Mount the bucket (e.g. gcsfuse at /gcs/<bucket>) and pass the mounted path.")
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    from dollar_jax import storage
+
+    storage.makedirs(_WORKDIR.value)  # a local folder; gs://bucket/... workdirs are used as they are
     config = _CONFIG.value
     from dollar_jax.parallel.distributed import DistributedConfigError, describe, maybe_initialize
 

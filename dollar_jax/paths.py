@@ -1,9 +1,14 @@
-"""Where each job finds its inputs and puts its outputs, derived from (config, workdir) in one place."""
+"""Where each job finds its inputs and puts its outputs, derived from (config, workdir) in one place.
+
+Any of them may be a local path (made absolute) or an object-store URL such as gs://bucket/run (kept as
+given); see dollar_jax/storage.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from dollar_jax.storage import join, resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,20 +20,20 @@ class Paths:
 
     @classmethod
     def of(cls, config, workdir: str) -> Paths:
-        workdir = os.path.abspath(workdir)
+        workdir = resolve(workdir)
         return cls(
             workdir=workdir,
-            data=os.path.abspath(config.data.dir) if config.data.dir else os.path.join(workdir, "data"),
-            autoencoder=os.path.abspath(config.autoencoder.dir) if config.autoencoder.dir
-            else os.path.join(workdir, "autoencoder"),
-            teacher=os.path.abspath(config.teacher.dir) if config.teacher.dir else os.path.join(workdir, "teacher"),
+            data=resolve(config.data.dir) if config.data.dir else join(workdir, "data"),
+            autoencoder=resolve(config.autoencoder.dir) if config.autoencoder.dir
+            else join(workdir, "autoencoder"),
+            teacher=resolve(config.teacher.dir) if config.teacher.dir else join(workdir, "teacher"),
         )
 
     def run(self, name: str) -> str:
         """The work directory of one training run (its checkpoints and metrics)."""
-        return os.path.join(self.workdir, "runs", name)
+        return join(self.workdir, "runs", name)
 
     def world_encoder(self, config) -> str:
         """The embedded world's evaluation encoder (a model folder)."""
         e = config.world_encoder
-        return os.path.abspath(e.dir) if e.dir else os.path.join(self.workdir, "world_encoder")
+        return resolve(e.dir) if e.dir else join(self.workdir, "world_encoder")

@@ -32,6 +32,8 @@ import time
 
 from absl import app, flags
 
+from dollar_jax import storage
+
 _MODEL = flags.DEFINE_string("model", None, "Model folder (teacher or student).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "A .txt/.csv file of prompts, or prompts separated by ';'.")

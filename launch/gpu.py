@@ -285,9 +285,9 @@ def parse(argv: list[str]):
         args.hosts = parse_hosts(args.hosts, fail)
         args.remote_dir = args.remote_dir or "~/dollar-jax"
         args.python = args.python or "python"
-        if args.workdir.startswith("gs://"):
-            print("warning: dollar_jax opens its workdir with local file APIs: use a path every host mounts",
-                  file=sys.stderr)
+        if "://" not in args.workdir and not args.workdir.startswith("/"):
+            print("warning: a relative --workdir is a different folder on each host: use gs://BUCKET/... or a "
+                  "path every host mounts", file=sys.stderr)
     else:
         args.python = args.python or sys.executable
     return args, extra

@@ -4,7 +4,7 @@
     python launch/tpu_pod.py create --name dollar --zone us-east5-a --accelerator v5p-32 [--spot] [--queued]
     python launch/tpu_pod.py setup  --name dollar --zone us-east5-a
     python launch/tpu_pod.py run    --name dollar --zone us-east5-a --config configs/wan21_distill.py:1.3b \\
-        --workdir /gcs/bucket/run [--env K=V ...] -- --config.data.dir=/gcs/bucket/latents
+        --workdir gs://bucket/run [--env K=V ...] -- --config.data.dir=gs://bucket/latents
     python launch/tpu_pod.py logs   --name dollar --zone us-east5-a [--worker 0]
     python launch/tpu_pod.py stop   --name dollar --zone us-east5-a
     python launch/tpu_pod.py status --name dollar --zone us-east5-a [--queued]
@@ -271,11 +271,10 @@ def check_run(args, fail) -> None:
     cfg_file = args.config.split(":", 1)[0]
     if not os.path.isabs(cfg_file) and not os.path.exists(os.path.join(common.REPO, cfg_file)):
         warn(f"config file {cfg_file!r} is not in {common.REPO}; the workers run it from {REMOTE_DIR}")
-    if args.workdir.startswith("gs://"):
-        warn("dollar_jax opens its workdir with local file APIs (os.path, open): a gs:// path becomes a local "
-             "folder on each worker. Mount the bucket on every worker (e.g. gcsfuse at /gcs/BUCKET) and pass "
-             "that path instead.")
-    elif not os.path.isabs(args.workdir) and not args.workdir.startswith("~"):
+    if args.workdir.startswith("/gcs/"):
+        warn("a gcsfuse mount cannot rename directories on flat buckets, which local-path checkpoints need: "
+             "pass the bucket itself (--workdir gs://BUCKET/...), which dollar_jax opens directly.")
+    elif "://" not in args.workdir and not os.path.isabs(args.workdir) and not args.workdir.startswith("~"):
         warn(f"--workdir {args.workdir!r} is relative: it resolves under {REMOTE_DIR} on each worker")
 
 

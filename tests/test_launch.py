@@ -105,13 +105,13 @@ def test_tpu_setup_copies_to_every_worker(fake_bin):
 
 
 def test_tpu_run_same_command_on_all_workers(fake_bin):
-    (ssh,) = dry(TPU, "run", *TPU_ARGS, "--config", CONFIG, "--workdir", "/gcs/bucket/run", "--env", "A=1",
+    (ssh,) = dry(TPU, "run", *TPU_ARGS, "--config", CONFIG, "--workdir", "gs://bucket/run", "--env", "A=1",
                  "--env", "LIBTPU_INIT_ARGS=--xla_tpu_x=true", "--", "--config.distill.steps=10", path_dir=fake_bin)
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "dollar"]
     assert "--worker=all" in ssh and "--zone=us-east5-a" in ssh
     script = option(ssh, "--command")
     bash_syntax_ok(script)
-    prog = f"python -m dollar_jax.main --config={CONFIG} --workdir=/gcs/bucket/run --config.distill.steps=10"
+    prog = f"python -m dollar_jax.main --config={CONFIG} --workdir=gs://bucket/run --config.distill.steps=10"
     assert f"A=1 LIBTPU_INIT_ARGS=--xla_tpu_x=true nohup {prog} > ~/dollar.log 2>&1" in script
     assert script.startswith("cd ~/dollar-jax && . ~/dollar-venv/bin/activate && ")
     assert "DOLLAR_PROCESS_ID" not in script  # the TPU runtime gives each worker its id
@@ -147,9 +147,11 @@ def test_tpu_invalid_input(fake_bin):
     assert not (fake_bin / "called").exists()
 
 
-def test_tpu_gs_workdir_warns(fake_bin):
+def test_tpu_gs_workdir_is_used_as_is_and_a_gcsfuse_mount_warns(fake_bin):
     r = launch(TPU, "run", *TPU_ARGS, "--config", CONFIG, "--workdir", "gs://b/run", "--dry_run", path_dir=fake_bin)
-    assert r.returncode == 0 and "warning" in r.stderr and "gcsfuse" in r.stderr
+    assert r.returncode == 0 and "warning" not in r.stderr and "--workdir=gs://b/run" in r.stdout
+    r = launch(TPU, "run", *TPU_ARGS, "--config", CONFIG, "--workdir", "/gcs/b/run", "--dry_run", path_dir=fake_bin)
+    assert r.returncode == 0 and "warning" in r.stderr and "gs://BUCKET" in r.stderr
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 
+from dollar_jax import storage
 from dollar_jax.checkpoint import abstract_dit, aligned_empty, write_model_folder
 from dollar_jax.convert import safetensors_io as st
 from dollar_jax.models.dit_config import DiTConfig
@@ -237,7 +238,7 @@ def convert(src: str, dst: str, dtype: str = "float32", layout: str = "auto", ov
     dtype can be chosen at load time. Nothing is written unless every key checks out and every tensor is read.
     """
     t0 = time.perf_counter()
-    if os.path.exists(dst) and not overwrite:
+    if storage.exists(dst) and not overwrite:
         raise ConversionError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
     config, layout, plan, entries, expected = plan_conversion(src, layout, param_dtype=dtype)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)

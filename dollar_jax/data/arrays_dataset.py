@@ -4,17 +4,30 @@ Every dataset in the project has this form: the shapes world's videos, the world
 embeddings), and the precomputed Wan latents of real runs. A dataset lives at <data_dir>/<name>/1.0.0 and
 is described by its `features.json`, so readers need no builder class: `open_split` reads any of them and
 `check_features` turns a dataset of the wrong shape into an error that names the field.
+
+`data_dir` may be on an object store (gs://bucket/...). ArrayRecord reads and writes local files only
+(its reader and writer open paths with the OS, not through epath), and tfds finishes a build by renaming
+a folder, which object stores cannot do. So on a store a dataset is built in a local temporary folder and
+uploaded file by file with dataset_info.json last (the file `exists` looks for), and `open_split` reads a
+local copy staged once under $DOLLAR_JAX_CACHE (default ~/.cache/dollar_jax; it needs room for the whole
+dataset, and is refreshed when the stored files change). A dataset too large for local disk can instead be
+read through a read-only gcsfuse mount (a local path): reads are fine there, only renames are not.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from dollar_jax import storage
+
 VERSION = "1.0.0"
+INFO_FILE = "dataset_info.json"  # written last: a dataset folder with it is complete
 
 # A feature is ("tensor", shape, dtype) | ("text",) | ("int",)
 Feature = tuple
@@ -51,7 +64,7 @@ def dataset_path(data_dir: str, name: str) -> str:
 
 
 def exists(data_dir: str, name: str) -> bool:
-    return os.path.exists(os.path.join(dataset_path(data_dir, name), "dataset_info.json"))
+    return storage.exists(os.path.join(dataset_path(data_dir, name), INFO_FILE))
 
 
 def write(data_dir: str, name: str, spec: Mapping[str, Feature],
@@ -59,7 +72,16 @@ def write(data_dir: str, name: str, spec: Mapping[str, Feature],
     """Build the dataset `name` under `data_dir` (atomically: tfds writes to an incomplete.* folder first).
 
     `splits` maps a split name to a function returning an iterable of examples (dicts matching `spec`).
+    On an object store the dataset is built locally, then uploaded with dataset_info.json last.
     """
+    if storage.is_remote(data_dir):
+        local_dir = tempfile.mkdtemp(prefix=f"dollar_dataset_{name}_")
+        try:
+            local = write(local_dir, name, spec, splits, description)
+            storage.copy_tree(local, dataset_path(data_dir, name), last=INFO_FILE)
+        finally:
+            shutil.rmtree(local_dir, ignore_errors=True)
+        return dataset_path(data_dir, name)
     tfds = _tfds()
 
     def _info(self):
@@ -85,11 +107,12 @@ def write(data_dir: str, name: str, spec: Mapping[str, Feature],
     return dataset_path(data_dir, name)
 
 
-def _builder(data_dir: str, name: str):
+def _builder(data_dir: str, name: str, local: bool = False):
+    """The dataset's tfds builder; `local=True` for reading records (a staged copy of a remote dataset)."""
     path = dataset_path(data_dir, name)
     if not exists(data_dir, name):
         raise DatasetError(f"No dataset {name!r} at {path} (build it first, or set config.data.dir)")
-    return _tfds().builder_from_directory(path)
+    return _tfds().builder_from_directory(storage.stage_local(path, INFO_FILE) if local else path)
 
 
 def feature_shapes(data_dir: str, name: str) -> dict[str, Feature]:
@@ -122,7 +145,7 @@ def check_features(data_dir: str, name: str, expect: Mapping[str, Feature]) -> N
 
 def open_split(data_dir: str, name: str, split: str):
     """A random-access source (len, __getitem__ -> dict of NumPy values) for grain."""
-    builder = _builder(data_dir, name)
+    builder = _builder(data_dir, name, local=True)
     if split not in builder.info.splits:
         raise DatasetError(f"Dataset {name!r} has no split {split!r} (has {sorted(builder.info.splits)})")
     return builder.as_data_source(split=split)

@@ -4,10 +4,13 @@ tools/precompute_latents.py (Wan VAE + umT5); read by the teacher and distillati
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
+from etils import epath
 
+from dollar_jax import storage
 from dollar_jax.data import arrays_dataset
 
 NULL_TEXT_FILE = "null_text.npy"
@@ -21,15 +24,17 @@ def latent_spec(latent_shape, text_shape, extra_ints=()) -> dict:
 
 
 def save_null_text(data_dir: str, name: str, null_text: np.ndarray) -> None:
-    os.makedirs(os.path.join(data_dir, name), exist_ok=True)
-    np.save(os.path.join(data_dir, name, NULL_TEXT_FILE), null_text.astype(np.float32))
+    path = storage.join(data_dir, name, NULL_TEXT_FILE)
+    storage.makedirs(os.path.dirname(path))
+    with epath.Path(path).open("wb") as f:
+        np.save(f, null_text.astype(np.float32))
 
 
 def load_null_text(data_dir: str, name: str) -> np.ndarray:
-    path = os.path.join(data_dir, name, NULL_TEXT_FILE)
-    if not os.path.exists(path):
+    path = storage.join(data_dir, name, NULL_TEXT_FILE)
+    if not storage.exists(path):
         raise arrays_dataset.DatasetError(f"{path} is missing: the dataset has no unconditional text embedding")
-    return np.load(path)
+    return np.load(io.BytesIO(epath.Path(path).read_bytes()))
 
 
 def check_dataset_fits(config, data_dir: str, dit) -> tuple:

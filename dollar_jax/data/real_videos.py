@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dollar_jax import storage
 from dollar_jax.data import arrays_dataset
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,11 @@ def precompute(*, videos: str | None = None, csv: str | None = None, vae: str, t
         _local_folder(folder, flag)
     _torch_dtype(dtype)
     items = list_videos(videos, csv)
+    if cache is None and storage.is_remote(out):  # the per-video cache is local files: keep it on this host
+        cache = os.path.join(storage.cache_root(), "precompute", out.replace("://", "/"), f"{name}.cache")
     cache = cache or os.path.join(out, f"{name}.cache")
+    if storage.is_remote(cache):
+        raise PrecomputeError(f"--cache {cache}: the encoding cache must be a local folder")
     _check_settings(cache, {
         "frames": frames, "height": height, "width": width, "max_text_length": max_text_length, "dtype": dtype,
         "vae": os.path.abspath(vae), "text_encoder": os.path.abspath(text_encoder),

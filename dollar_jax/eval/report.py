@@ -3,12 +3,11 @@ training curves (PNG) and sample grids (GIF/MP4)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-
+from dollar_jax import storage
 from dollar_jax.train.metrics import read_metrics
 
 # The paper's numbers (arXiv 2412.15689), for context next to ours: VBench total and Vendi (Inception).
@@ -42,7 +41,8 @@ def _plot_curves(workdir: str, runs: dict[str, str], out_png: str, keys: list[st
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if drew:
-        fig.savefig(out_png, dpi=110)
+        with storage.local_file(out_png) as local:
+            fig.savefig(local, dpi=110, format="png")
     plt.close(fig)
     return os.path.relpath(out_png, workdir) if drew else None
 
@@ -90,8 +90,8 @@ def claims(results: dict) -> list[tuple[str, str, str]]:
 
 
 def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dict) -> str:
-    out_dir = os.path.join(workdir, "report")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = storage.join(workdir, "report")
+    storage.makedirs(out_dir)
     lines = ["# DOLLAR on the embedded world: report", "",
              "Everything below was measured in this run (`results.json` beside this file holds the raw numbers). "
              f"Prompts: {results['prompts']} x {results['samples_per_prompt']} samples with fixed noise, the same for "
@@ -158,11 +158,9 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
     for stage, t in timings.items():
         lines.append(f"| {stage} | {t['seconds']:.1f} | {'reused from the work directory' if t['reused'] else ''} |")
     lines.append(f"| total | {sum(t['seconds'] for t in timings.values()):.1f} | |")
-    path = os.path.join(out_dir, "REPORT.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results | {"timings": timings}, f, indent=2)
+    path = storage.join(out_dir, "REPORT.md")
+    storage.write_text(path, "\n".join(lines) + "\n")
+    storage.write_json(storage.join(out_dir, "results.json"), results | {"timings": timings}, indent=2)
     return path
 
 

@@ -1,10 +1,13 @@
-"""Writing videos for people to look at: GIF (Pillow) and MP4 (imageio-ffmpeg), single clips or grids."""
+"""Writing videos for people to look at: GIF (Pillow) and MP4 (imageio-ffmpeg), single clips or grids.
+
+Paths may be on object stores (gs://): the file is written locally, then uploaded (storage.local_file).
+"""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from dollar_jax import storage
 
 
 def to_uint8(video) -> np.ndarray:
@@ -33,8 +36,8 @@ def write_gif(path: str, video, fps: int = 8) -> str:
     from PIL import Image
 
     frames = [Image.fromarray(f) for f in to_uint8(video)]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    with storage.local_file(path) as local:
+        frames[0].save(local, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     return path
 
 
@@ -45,8 +48,8 @@ def write_mp4(path: str, video, fps: int = 8) -> str:
     # H.264 wants even sizes; pad with white.
     t, h, w, c = v.shape
     v = np.pad(v, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    imageio.mimwrite(path, list(v), fps=fps, codec="libx264", macro_block_size=1, quality=8)
+    with storage.local_file(path) as local:
+        imageio.mimwrite(local, list(v), fps=fps, codec="libx264", macro_block_size=1, quality=8)
     return path
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import jax
 import numpy as np
 from flax import nnx
 
-from dollar_jax.checkpoint import write_model_folder
+from dollar_jax import storage
+from dollar_jax.checkpoint import model_folder_exists, write_model_folder
 from dollar_jax.config import optimizer as optimizer_config
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.pipeline import eval_batches, train_dataset
@@ -66,7 +65,7 @@ def make_job(config, workdir: str) -> Job:
 def run(config, workdir: str) -> str:
     """Build the videos if needed, train (resumable), export <workdir>/autoencoder. Skips if exported."""
     paths = Paths.of(config, workdir)
-    if os.path.exists(os.path.join(paths.autoencoder, "config.json")):
+    if model_folder_exists(paths.autoencoder):
         return paths.autoencoder
     build_videos(config, workdir)
     job = make_job(config, workdir)
@@ -99,7 +98,6 @@ def validation_psnr(model: Autoencoder, config, workdir: str) -> float:
 
 
 def metrics_of(folder: str) -> dict:
-    with open(os.path.join(folder, "config.json")) as f:
-        return json.load(f).get("metrics", {})
+    return storage.read_json(storage.join(folder, "config.json")).get("metrics", {})
 
 

@@ -7,13 +7,14 @@ Stages (each skipped when its output is already in the work directory, each resu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
 import jax
 
+from dollar_jax import storage
+from dollar_jax.checkpoint import model_folder_exists
 from dollar_jax.eval.report import write_report
 from dollar_jax.jobs import autoencoder, distill, precompute, teacher, world_data, world_encoder
 from dollar_jax.paths import Paths
@@ -43,7 +44,7 @@ class Stages:
     def __init__(self, workdir: str, names: list[str]):
         self.workdir, self.names = workdir, names
         self.path = os.path.join(workdir, "demo_timings.json")
-        self.timings = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        self.timings = storage.read_json(self.path) if storage.exists(self.path) else {}
         self.t0 = time.perf_counter()
 
     def run(self, name: str, fn, done: bool):
@@ -55,8 +56,7 @@ class Stages:
         out = fn()
         if not done or name not in self.timings:
             self.timings[name] = {"seconds": time.perf_counter() - t, "reused": done}
-            with open(self.path, "w") as f:
-                json.dump(self.timings, f, indent=2)
+            storage.write_json(self.path, self.timings, indent=2)
         return out
 
 
@@ -90,7 +90,7 @@ def run(config, workdir: str) -> str:
     paths = Paths.of(config, workdir)
     names = ["videos", "autoencoder", "latents", "evaluation encoder", "teacher", *STUDENTS, "evaluation", "report"]
     stages = Stages(paths.workdir, names)
-    exists = lambda folder: os.path.exists(os.path.join(folder, "config.json"))
+    exists = model_folder_exists
     from dollar_jax.data import arrays_dataset
 
     stages.run("videos", lambda: world_data.build_videos(config, workdir),
@@ -108,16 +108,15 @@ def run(config, workdir: str) -> str:
         runs[name] = paths.run(c.distill.name)
     results_path = os.path.join(paths.workdir, "report", RESULTS)
     results = stages.run("evaluation", lambda: _cached(results_path, lambda: evaluate(config, workdir, folders)),
-                         os.path.exists(results_path))
+                         storage.exists(results_path))
     report = stages.run("report", lambda: write_report(paths.workdir, results, runs, stages.timings), False)
     print(f"[demo] report: {report}", flush=True)
     return report
 
 
 def _cached(path: str, compute):
-    if os.path.exists(path):
-        with open(path) as f:
-            blob = json.load(f)
+    if storage.exists(path):
+        blob = storage.read_json(path)
         blob.pop("timings", None)
         return blob
     return compute()

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dollar_jax.checkpoint import (load_autoencoder, load_dit, read_model_config, teacher_parameterisation,
-                                   write_model_folder)
+from dollar_jax import storage
+from dollar_jax.checkpoint import (load_autoencoder, load_dit, model_folder_exists, read_model_config,
+                                   teacher_parameterisation, write_model_folder)
 from dollar_jax.config import dit_config
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.latents import check_dataset_fits, load_null_text
@@ -39,7 +40,7 @@ NUMERICS = ("dtype", "param_dtype", "remat_policy", "attention")
 
 
 def teacher_folder(config, workdir: str) -> str:
-    return os.path.abspath(config.distill.teacher) if config.distill.teacher else Paths.of(config, workdir).teacher
+    return storage.resolve(config.distill.teacher) if config.distill.teacher else Paths.of(config, workdir).teacher
 
 
 def student_dit(config, folder: str):
@@ -221,7 +222,7 @@ def run(config, workdir: str) -> str:
     """Distil (resumable) and export <workdir>/<distill.name>. Skips if exported."""
     paths, dc = Paths.of(config, workdir), config.distill
     out = os.path.join(paths.workdir, dc.name)
-    if os.path.exists(os.path.join(out, "config.json")):
+    if model_folder_exists(out):
         return out
     folder = teacher_folder(config, workdir)
     config = for_this_mesh(config)  # before anything loads: a batch the mesh cannot split stops here

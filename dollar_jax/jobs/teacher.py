@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dollar_jax.checkpoint import load_autoencoder, write_model_folder
+from dollar_jax.checkpoint import load_autoencoder, model_folder_exists, write_model_folder
 from dollar_jax.config import dit_config, schedule_of
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.latents import check_dataset_fits, load_null_text
@@ -127,7 +127,7 @@ def make_evaluator(config, workdir: str, role, latent_shape):
 def run(config, workdir: str) -> str:
     """Train (resumable) and export <workdir>/teacher from the EMA parameters. Skips if exported."""
     paths = Paths.of(config, workdir)
-    if os.path.exists(os.path.join(paths.teacher, "config.json")):
+    if model_folder_exists(paths.teacher):
         return paths.teacher
     job = make_job(config, workdir)
     state = train(job, config, paths.run("teacher"))

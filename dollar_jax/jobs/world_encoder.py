@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from dollar_jax.checkpoint import write_model_folder
+from dollar_jax.checkpoint import model_folder_exists, write_model_folder
 from dollar_jax.config import optimizer as optimizer_config
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches, train_dataset
@@ -58,7 +56,7 @@ def make_job(config, workdir: str) -> Job:
 
 def run(config, workdir: str) -> str:
     out = Paths.of(config, workdir).world_encoder(config)
-    if os.path.exists(os.path.join(out, "config.json")):
+    if model_folder_exists(out):
         return out
     paths, wcfg, e = Paths.of(config, workdir), world_config(config), config.world_encoder
     job = make_job(config, workdir)

@@ -1,10 +1,12 @@
 """Orbax checkpoints of a whole run: train state, input-pipeline position, config.
 
 Layout: <workdir>/checkpoints/<step>/{state, data, config, host}. Saves are asynchronous (training continues
-while arrays are written; Orbax writes into a temporary folder and renames it when complete, so a process
-killed mid-save leaves no half-checkpoint behind). On restore the newest step is tried first; one that
-cannot be read (truncated or corrupt files) is moved aside to <step>.corrupt - never deleted - with a
-warning, and the next older one is used.
+while arrays are written). Locally Orbax writes into a temporary folder and renames it when complete; on
+object stores (gs://), which cannot rename folders, it writes in place and commits with a
+commit_success.txt marker written last. Either way a process killed mid-save leaves no checkpoint that
+counts. On restore the newest step is tried first; one that cannot be read (truncated or corrupt files) is
+moved aside to <step>.corrupt-<time> - never deleted - with a warning, and the next older one is used (on
+object stores the move is a copy of each object, then the original is deleted).
 
 Host state (NumPy trees a job keeps beside the device state, e.g. the reward labeller's window) differs per
 host: each host saves its tree as its row of arrays with a leading process axis, sharded over the processes,
@@ -15,7 +17,6 @@ Every host's tree must have the same structure and shapes.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import jax
@@ -23,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dollar_jax import storage
 from dollar_jax.checkpoint import CheckpointError, check_compatible
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 class RunCheckpointer:
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.resolve(directory)
         self.keep, self.asynchronous = keep, asynchronous
         self._manager = self._open()
 
@@ -67,7 +69,7 @@ class RunCheckpointer:
             if not steps:
                 return None
             step = steps[-1]
-            path = os.path.join(self.directory, str(step), "state")
+            path = storage.join(self.directory, str(step), "state")
             try:
                 check_compatible(path, abstract_state)
             except CheckpointError as e:
@@ -78,8 +80,7 @@ class RunCheckpointer:
             try:
                 items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
                 if with_host:
-                    items["host"] = ocp.args.StandardRestore(host_target(os.path.join(self.directory, str(step),
-                                                                                      "host")))
+                    items["host"] = ocp.args.StandardRestore(host_target(storage.join(self.directory, str(step), "host")))
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
                 jax.block_until_ready(restored.state)
                 host = own_row(restored.host) if with_host else None
@@ -90,12 +91,16 @@ class RunCheckpointer:
                 self._quarantine(step, e)
 
     def _quarantine(self, step: int, error: Exception) -> None:
-        src = os.path.join(self.directory, str(step))
+        src = storage.join(self.directory, str(step))
         dst = f"{src}.corrupt-{int(time.time())}"
         log.warning("Checkpoint %s cannot be restored (%s); moving it to %s and trying the previous one",
                     src, str(error).splitlines()[0][:300], dst)
         if jax.process_index() == 0:
-            os.rename(src, dst)
+            storage.move_tree(src, dst)
+        if jax.process_count() > 1:  # on a store the move is a copy: no host reopens before it is done
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantined {src}")
         self._manager.close()
         self._manager = self._open()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dollar_jax import storage
 from dollar_jax.data.pipeline import batch_sharding, numeric, to_global
 from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.rules import axis_rules
@@ -83,7 +83,7 @@ class Profiler:
 
     def before(self, step: int) -> None:
         if self.stop >= self.start and step == self.start and not self.active:
-            os.makedirs(self.folder, exist_ok=True)
+            storage.makedirs(self.folder)
             jax.profiler.start_trace(self.folder)
             self.active = True
 
@@ -108,7 +108,7 @@ def _fmt_eta(seconds: float) -> str:
 
 def train(job: Job, config, workdir: str) -> TrainState:
     """Run `job` to `job.total_steps`, resuming from <workdir>/checkpoints. Returns the final state."""
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     mesh = make_mesh(dict(config.mesh))
     rules = list(config.sharding_rules) if config.sharding_rules else None
     with jax.set_mesh(mesh), axis_rules(rules):
@@ -125,7 +125,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
     shardings = state_shardings(job.roles, abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+    ckpt = RunCheckpointer(storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                            asynchronous=config.checkpoint.asynchronous)
     data_iter = iter(job.dataset)
     restored = ckpt.restore_latest(target, with_host=job.host_state is not None)
@@ -219,7 +219,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
                     job.on_metrics(s, means)
                 window = []
 
-    profile = Profiler(os.path.join(workdir, "profile"), config.profile.start_step, config.profile.num_steps)
+    profile = Profiler(storage.join(workdir, "profile"), config.profile.start_step, config.profile.num_steps)
     watch = PreemptionWatch()  # from here on SIGTERM means "save this step and stop"
     try:
         for step in range(start, job.total_steps):
