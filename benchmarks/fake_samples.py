@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
-import numpy as np
-from absl import app, flags
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's dollar_jax
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("bench_dir", "/tmp/fake_samples", "Work directory (world, teacher, runs).")
 _STEPS = flags.DEFINE_integer("steps", 40, "Distillation steps per mode.")

@@ -63,9 +63,16 @@ def start(args: list[str], processes: int, devices_per_process: int, **env) -> l
     return procs
 
 
-def finish(procs: list[subprocess.Popen], expect: int | None = 0, timeout: float = 600) -> list[str]:
-    """Wait for every process; assert each exit status is `expect` (None: any). Returns their outputs."""
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+def finish(procs: list[subprocess.Popen], expect: int | None = 0, timeout: float = 1800) -> list[str]:
+    """Wait for every process; assert each exit status is `expect` (None: any). Returns their outputs.
+    On a timeout every process is killed (none is left running after the test)."""
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        raise
     if expect is not None:
         for p, out in zip(procs, outputs):
             assert p.returncode == expect, f"exit status {p.returncode}:\n{out[-3000:]}"

@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from processes import run, teacher_args, write_random_latents
+from processes import run as run_processes, teacher_args, write_random_latents
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -26,7 +26,7 @@ def data_dir(tmp_path_factory):
 def _run(workdir, data_dir, processes: int, devices_per_process: int):
     args = teacher_args(workdir, data_dir, STEPS, f"--config.checkpoint.every_steps={STEPS}",
                         "--config.checkpoint.asynchronous=False")
-    return run(args, processes, devices_per_process)
+    return run_processes(args, processes, devices_per_process)
 
 
 def _losses(workdir):
