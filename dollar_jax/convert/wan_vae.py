@@ -117,11 +117,11 @@ def plan_conversion(src: str, **numerics):
     return config, graphdef, plan, entries, expected
 
 
-def read_arrays(src: str, dtype: str = "float32", **numerics):
+def read_arrays(src: str, param_dtype: str = "float32", **numerics):
     """(config, graphdef, flat {flax path: np.ndarray}) of a diffusers VAE folder, checked, one tensor in
-    memory at a time."""
-    config, graphdef, plan, entries, expected = plan_conversion(src, param_dtype=dtype, **numerics)
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    memory at a time. Arrays are stored in `param_dtype`; `numerics` (e.g. the compute `dtype`) go to the config."""
+    config, graphdef, plan, entries, expected = plan_conversion(src, param_dtype=param_dtype, **numerics)
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if param_dtype == "bfloat16" else np.dtype(param_dtype)
     arrays = {path: aligned_empty(spec.shape, np_dtype) for path, spec in expected.items()}
     for key, (path, transform) in plan.items():
         value = transform.apply(st.read_tensor(entries[key]))
@@ -136,8 +136,7 @@ def load_diffusers_vae(src: str, **numerics) -> WanVAE:
 
     `numerics`: WanVAEConfig fields that do not change the weights (dtype, param_dtype, encode_chunk,
     decode_chunk)."""
-    param_dtype = numerics.pop("param_dtype", "float32")
-    _, graphdef, arrays = read_arrays(src, dtype=param_dtype, **numerics)
+    _, graphdef, arrays = read_arrays(src, **numerics)
     params = jax.tree.map(jax.numpy.asarray, _unflatten(arrays))
     return nnx.merge(graphdef, params)
 

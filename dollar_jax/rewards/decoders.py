@@ -61,15 +61,27 @@ def _torch_wan_decode(vae_path: str, device: str, dtype: str) -> Callable[[np.nd
     return decode
 
 
-def _flax_wan_decode(vae_path: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The Flax Wan VAE (dollar_jax/models/wan_vae.py): the same contract as `_torch_wan_decode`."""
-    try:
-        from dollar_jax.models import wan_vae  # noqa: F401
-    except ImportError as e:
-        raise ValueError("--vae_backend=flax needs the Flax Wan VAE (dollar_jax/models/wan_vae.py), which this build "
-                         "does not have yet; use --vae_backend=torch") from e
-    raise ValueError("--vae_backend=flax: dollar_jax/models/wan_vae.py is present but not wired into "
-                     "dollar_jax/rewards/decoders.py (_flax_wan_decode) yet; use --vae_backend=torch")
+def _flax_wan_decode(vae_path: str, dtype: str, batch_size: int):
+    """The Flax Wan VAE (dollar_jax/models/wan_vae.py) under jit on the default device, no torch: the same
+    contract as `_torch_wan_decode`, plus the (latents_mean, latents_std) it was loaded with. `vae_path` is a
+    converted model folder or a diffusers AutoencoderKLWan folder. Every call runs on `batch_size` rows (the
+    last batch padded), so one latent shape compiles once."""
+    import jax
+    from flax import nnx
+
+    from dollar_jax.checkpoint import load_wan_vae
+
+    vae = load_wan_vae(vae_path, dtype=dtype)
+    graphdef, state = nnx.split(vae)
+    to_pixels = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z).astype("float32"))
+
+    def decode(z: np.ndarray) -> np.ndarray:
+        n = len(z)
+        padded = np.concatenate([z, np.zeros((batch_size - n, *z.shape[1:]), z.dtype)]) if n < batch_size else z
+        return np.asarray(to_pixels(state, padded))[:n]
+
+    stats = (np.asarray(vae.config.latents_mean, np.float32), np.asarray(vae.config.latents_std, np.float32))
+    return decode, stats
 
 
 def wan_vae_decoder(vae_path: str, device: str = "cpu", batch_size: int = 2, backend: str = "torch",
@@ -82,8 +94,10 @@ def wan_vae_decoder(vae_path: str, device: str = "cpu", batch_size: int = 2, bac
     """
     if backend not in VAE_BACKENDS:
         raise ValueError(f"--vae_backend must be one of {VAE_BACKENDS}, got {backend!r}")
-    mean, std = wan_latent_stats(vae_path)
-    network = _torch_wan_decode(vae_path, device, dtype) if backend == "torch" else _flax_wan_decode(vae_path)
+    if backend == "torch":
+        network, (mean, std) = _torch_wan_decode(vae_path, device, dtype), wan_latent_stats(vae_path)
+    else:
+        network, (mean, std) = _flax_wan_decode(vae_path, dtype, batch_size)
 
     def decode(latents: np.ndarray) -> np.ndarray:
         latents = np.asarray(latents, np.float32)
@@ -99,37 +113,9 @@ def wan_vae_decoder(vae_path: str, device: str = "cpu", batch_size: int = 2, bac
     return decode
 
 
-def wan_vae_flax_decoder(vae_path: str, batch_size: int = 2, **numerics) -> Callable[[np.ndarray], np.ndarray]:
-    """The Flax Wan VAE (dollar_jax/models/wan_vae.py) decoding on the default device under jit: no torch.
-
-    `vae_path` is a converted model folder or a diffusers AutoencoderKLWan folder. Latents are normalised as
-    tools/precompute_latents.py writes them; they are de-normalised with the config's latents_mean/std.
-    Batches of `batch_size` (the last one padded) keep one compiled shape per latent shape."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from dollar_jax.checkpoint import load_wan_vae
-
-    vae = load_wan_vae(vae_path, **numerics)
-    graphdef, state = nnx.split(vae)
-
-    @jax.jit
-    def to_video(state, latents):
-        model = nnx.merge(graphdef, state)
-        video = model.decode(model.denormalize(latents))  # [N, T, H, W, 3] in [-1, 1]
-        return jnp.round((video + 1.0) * 127.5).astype(jnp.uint8)
-
-    def decode(latents: np.ndarray) -> np.ndarray:
-        latents = np.asarray(latents, np.float32)
-        out = []
-        for i in range(0, len(latents), batch_size):
-            chunk = latents[i:i + batch_size]
-            padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(to_video(state, padded))[:len(chunk)])
-        return np.concatenate(out)
-
-    return decode
+def wan_vae_flax_decoder(vae_path: str, batch_size: int = 2, dtype: str = "float32"):
+    """The reward labeller's accelerator decoder: `wan_vae_decoder` with the Flax backend."""
+    return wan_vae_decoder(vae_path, batch_size=batch_size, backend="flax", dtype=dtype)
 
 
 def make_decoder(kind: str, *, autoencoder_dir: str = "", vae_path: str = ""):
