@@ -47,7 +47,7 @@ def main() -> None:
     noise = jax.random.normal(key, (args.batch, args.frames, args.height, args.width, cfg.in_channels))
     text = jax.random.normal(key, (args.batch, args.text_len, cfg.text_dim))
     schedule = FlowSchedule(shift=3.0)
-    samplers = {"student_4": student_spec([999.0, 749.0, 499.0, 249.0]),
+    samplers = {"student_4": student_spec([999.0, 749.0, 499.0, 249.0], 0.5, 10.0),
                 f"teacher_{args.teacher_steps}_cfg": teacher_spec(schedule, args.teacher_steps, 5.0, "uncond_anchor")}
     result = {"preset": args.preset, "device": jax.devices()[0].device_kind, "batch": args.batch,
               "latent": [args.frames, args.height, args.width], "text_len": args.text_len, "dtype": args.dtype,

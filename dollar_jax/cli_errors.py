@@ -81,6 +81,16 @@ def run_reporting(fn, verbose: bool, *args, **kwargs) -> int:
     return 0 if status is None else int(status)
 
 
+def define_verbose_flag():
+    """The --verbose flag of the absl command lines (dollar_jax.main, dollar_jax.sample), defined once: both
+    modules can be imported into one process (tests, notebooks), where a second definition is an error."""
+    from absl import flags
+
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, "Print the traceback of an error (otherwise one line naming the problem).")
+    return flags.FLAGS["verbose"]
+
+
 def verbose_in(argv) -> bool:
     """--verbose on a command line whose flags may not have parsed (the error can be a flag's)."""
     return any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)

@@ -17,7 +17,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (a local path or gs://bucket/...): checkpoints, "
                                 "metrics, samples, reports.")
-flags.DEFINE_bool("verbose", False, "Print the traceback of an error (otherwise one line naming the problem).")
+from dollar_jax.cli_errors import define_verbose_flag  # noqa: E402
+
+_VERBOSE = define_verbose_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 

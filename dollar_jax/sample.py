@@ -33,6 +33,7 @@ import time
 from absl import app, flags
 
 from dollar_jax import storage
+from dollar_jax.cli_errors import define_verbose_flag
 
 _MODEL = flags.DEFINE_string("model", None, "Model folder (teacher or student).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
@@ -71,7 +72,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _FPS = flags.DEFINE_integer("fps", None, "Frames per second of the written videos (default: Wan 16, world 8).")
 _SAVE_FRAMES = flags.DEFINE_bool("save_frames", False, "Also write videos.npy: the exact uint8 frames (MP4 is lossy; "
                                   "about 100 MB per 81-frame 480p clip).")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error.")
+_VERBOSE = define_verbose_flag()
 flags.mark_flags_as_required(["model", "out"])
 
 WAN_GUIDANCE, WORLD_GUIDANCE = 5.0, 4.5

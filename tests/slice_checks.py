@@ -28,7 +28,7 @@ from dollar_jax.config import dit_config  # noqa: E402
 from dollar_jax.models import WanDiT, preset  # noqa: E402
 from dollar_jax.models.layers import logical_axes  # noqa: E402
 from dollar_jax.parallel import axis_rules, make_mesh, tree_shardings  # noqa: E402
-from dollar_jax.train.planner import PLANNING_KERNEL, abstract_distill_step  # noqa: E402
+from dollar_jax.train.planner import CPU_PLANNING_KERNEL, abstract_distill_step  # noqa: E402
 from dollar_jax.train.state import init_state  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def distill_step(variant: str, mesh_shape: dict | None = None, run: bool = True,
     if mesh_shape is not None:
         config.mesh.update(mesh_shape)
     dit = dit_config(config)
-    dit = dit.replace(attention=PLANNING_KERNEL.get(dit.attention, dit.attention)) if not run else dit
+    dit = dit.replace(attention=CPU_PLANNING_KERNEL.get(dit.attention, dit.attention)) if not run else dit
     mesh = make_mesh(dict(config.mesh), devices=devices)
     out = {"mesh": {k: int(v) for k, v in zip(mesh.axis_names, mesh.devices.shape)}}
     with Replications() as warned, jax.set_mesh(mesh), axis_rules(None):

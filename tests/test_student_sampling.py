@@ -62,8 +62,10 @@ def test_sample_cli_and_the_training_evaluator_draw_the_same_latents(student, tm
     graphdef, params = nnx.split(load_dit(folder))
     role, _ = split_model("student", nnx.merge(graphdef, params))
     generators = distill_job.student_generators(config.distill, role, schedule, prediction_type)
-    noise = jax.random.normal(jax.random.key(0), (2, *LATENT_SHAPE))  # the CLI's noise and re-noising keys
-    args = (noise, jnp.asarray(text), jnp.zeros_like(text), jax.random.key(1))
+    # The CLI's noise (video i: fold_in(key(seed), i)) and re-noising key (batch b: fold_in(key(seed + 1), b)).
+    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i), LATENT_SHAPE))(
+        jnp.arange(2))
+    args = (noise, jnp.asarray(text), jnp.zeros_like(text), jax.random.fold_in(jax.random.key(1), 0))
     in_training = np.asarray(generators[2](params, *args))
     np.testing.assert_allclose(in_training, from_cli, rtol=1e-5, atol=1e-5)
 

@@ -147,7 +147,7 @@ def test_step_time_data_wait_and_profiler_window(tmp_path):
 
 
 def test_sigterm_saves_the_step_in_progress_and_resume_is_exact(tmp_path):
-    """In-process: SIGTERM arrives during step 7 -> checkpoint 7, Preempted; the restart equals an unbroken run.
+    """In-process: SIGTERM arrives in step 7's host callback -> checkpoint 9, Preempted; the restart equals an unbroken run.
 
     The job's host state (a per-step NumPy counter, like the reward labeller's window) comes back too."""
     import signal
@@ -176,13 +176,15 @@ def test_sigterm_saves_the_step_in_progress_and_resume_is_exact(tmp_path):
 
     previous = signal.getsignal(signal.SIGTERM)
     job, _ = with_host(toy_job(config), sigterm_at=7)
-    with pytest.raises(Preempted, match="step 7"):
+    # after_step(7) runs once step 7 is known finite, i.e. while step 8 drains; the loop checks for the signal
+    # after each step, before draining, so the first step that sees it and is saved is 9.
+    with pytest.raises(Preempted, match="step 9"):
         train(job, config, str(tmp_path / "run"))
     assert signal.getsignal(signal.SIGTERM) is previous  # handed back after training
-    assert RunCheckpointer(str(tmp_path / "run" / "checkpoints")).steps() == [7]
+    assert RunCheckpointer(str(tmp_path / "run" / "checkpoints")).steps() == [9]
     job, seen = with_host(toy_job(config))
     resumed = train(job, config, str(tmp_path / "run"))
-    assert seen["steps"].tolist() == list(range(1, 13))  # 1-7 restored from the checkpoint, 8-12 run again
+    assert seen["steps"].tolist() == list(range(1, 13))  # 1-9 restored from the checkpoint, 10-12 run again
     np.testing.assert_array_equal(_params(resumed), _params(reference))
     ref_rows = [r["loss"] for r in read_metrics(str(tmp_path / "ref")) if "loss" in r]
     assert [r["loss"] for r in read_metrics(str(tmp_path / "run")) if "loss" in r] == ref_rows
