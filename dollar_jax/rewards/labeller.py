@@ -150,21 +150,22 @@ class Labeller:
         self.flush()
         with self._done:
             live = sorted(s for s, c in self._chunks.items() if c is not None)
-            # Skipped steps are saved too: a resumed step waiting for one of them must not wait forever.
-            out = {"steps": np.asarray(live, np.int32),
-                   "skipped": np.asarray(sorted(s for s, c in self._chunks.items() if c is None), np.int32)}
+            skipped = sorted(s for s, c in self._chunks.items() if c is None)
+            # Skipped steps are saved too: a resumed step waiting for one of them must not wait forever. Orbax
+            # cannot save zero-size arrays, so an empty list is saved as [-1] (no step is negative).
+            out = {"steps": np.asarray(live or [-1], np.int32), "skipped": np.asarray(skipped or [-1], np.int32)}
             for key in ("latents", "text", "score") if live else ():
                 out[key] = np.stack([self._chunks[s][key] for s in live])
         return out
 
     def restore(self, state: dict) -> None:
-        steps = np.asarray(state["steps"]).tolist()
+        steps = [s for s in np.asarray(state["steps"]).tolist() if s >= 0]  # [-1]: none (see `state`)
         with self._done:
             self._chunks = {int(s): {"latents": np.asarray(state["latents"][i]).astype(STORE_DTYPE),
                                      "text": np.asarray(state["text"][i]).astype(STORE_DTYPE),
                                      "score": np.asarray(state["score"][i], np.float32)}
                             for i, s in enumerate(steps)}
-            self._chunks.update({int(s): None for s in np.asarray(state.get("skipped", [])).tolist()})
+            self._chunks.update({int(s): None for s in np.asarray(state.get("skipped", [])).tolist() if s >= 0})
 
     def close(self) -> None:
         self._queue.put(None)
