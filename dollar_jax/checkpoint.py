@@ -100,11 +100,17 @@ def check_compatible(path: str, target) -> None:
         f"{k}: stored {stored[k][0]}, expected {wanted[k]}" for k in set(wanted) & set(stored) if stored[k][0] != wanted[k]
     )
     if missing or unexpected or misshaped:
-        lines = [f"Checkpoint {path} does not fit the model:"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mis-shaped: {k}" for k in misshaped]
-        raise CheckpointError("\n".join(lines))
+        raise CheckpointError(mismatch_report(f"Checkpoint {path} does not fit the model:", missing, unexpected,
+                                              misshaped))
+
+
+def mismatch_report(header: str, missing, unexpected, misshaped) -> str:
+    """One error message listing every missing, unexpected and mis-shaped array under `header`."""
+    lines = [header]
+    lines += [f"  missing: {k}" for k in missing]
+    lines += [f"  unexpected: {k}" for k in unexpected]
+    lines += [f"  mis-shaped: {k}" for k in misshaped]
+    return "\n".join(lines)
 
 
 def restore_pytree(path: str, target):

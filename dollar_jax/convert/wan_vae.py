@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from dollar_jax.checkpoint import aligned_empty, write_model_folder
+from dollar_jax.checkpoint import aligned_empty, mismatch_report, write_model_folder
 from dollar_jax.convert import safetensors_io as st
 from dollar_jax.convert.wan import IDENTITY, ConversionError, Transform, _flatten, _unflatten
 from dollar_jax.models.layers import abstract
@@ -109,11 +109,8 @@ def plan_conversion(src: str, **numerics):
             misshaped.append(f"{key}: source shape {entries[key].shape} -> {got} after {transform.name}, "
                              f"but {path} needs {want}")
     if missing or unexpected or misshaped:
-        lines = [f"{src} does not match an AutoencoderKLWan with its config.json:"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mis-shaped: {k}" for k in misshaped]
-        raise ConversionError("\n".join(lines))
+        raise ConversionError(mismatch_report(f"{src} does not match an AutoencoderKLWan with its config.json:",
+                                              missing, unexpected, misshaped))
     return config, graphdef, plan, entries, expected
 
 
