@@ -2,15 +2,39 @@
 
 import os
 
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+from cpu_flags import xla_flags
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole run, shared by the xdist workers (in-process only:
+    subprocess tests choose their own). Tests that train twice on one config (every resume test, the demo's
+    rerun) and modules that build the same step load the compiled program instead of compiling it again;
+    compiling is most of the suite's time on 2 cores. The controller makes the folder (workers inherit its
+    environment) and removes it when the run ends."""
+    import tempfile
+
+    import jax
+
+    if "DOLLAR_TEST_XLA_CACHE" not in os.environ:
+        os.environ["DOLLAR_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="dollar-jax-test-xla-cache-")
+        config._dollar_owns_xla_cache = True
+    jax.config.update("jax_compilation_cache_dir", os.environ["DOLLAR_TEST_XLA_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # the steps, not every tiny jit
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_dollar_owns_xla_cache", False):
+        shutil.rmtree(os.environ.pop("DOLLAR_TEST_XLA_CACHE"), ignore_errors=True)
 
 
 def _build_world(workdir: str):

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
+from cpu_flags import xla_flags
 
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.latents import latent_spec, save_null_text
+from dollar_jax.train.flops import is_throughput_metric
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LATENT_SHAPE, TEXT_SHAPE = (4, 8, 8, 16), (8, 32)  # the quick world model's input shapes
@@ -48,7 +51,7 @@ def teacher_args(workdir: str, data_dir: str, steps: int, *extra: str) -> list[s
 
 def start(args: list[str], processes: int, devices_per_process: int, **env) -> list[subprocess.Popen]:
     """Start `args` as `processes` jax.distributed processes (or one plain process), CPU devices only."""
-    base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+    base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices_per_process),
                 **env)
     port = free_port()
     procs = []
@@ -104,3 +107,33 @@ def wait_for(condition, procs, timeout: float = 1200, what: str = "") -> None:
                 os.killpg(p.pid, signal.SIGKILL)
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def losses(workdir) -> list[dict]:
+    """Every per-step teacher training metric row, without wall-clock ones (they differ between runs)."""
+    rows = metric_rows(os.path.join(workdir, "runs", "teacher"))
+    return [{k: v for k, v in r.items() if not is_throughput_metric(k)} for r in rows if "loss" in r]
+
+
+def last_logged_step(workdir) -> int:
+    rows = losses(workdir)
+    return rows[-1]["step"] if rows else 0
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    d = os.path.join(workdir, "runs", "teacher", "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def teacher_weights(workdir) -> list[np.ndarray]:
+    from flax import nnx
+
+    from dollar_jax.checkpoint import load_dit
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_dit(os.path.join(workdir, "teacher")), nnx.Param))]
+
+
+def assert_same_run(a, b):
+    assert losses(a) == losses(b)  # exact float equality of every logged metric, every step
+    for x, y in zip(teacher_weights(a), teacher_weights(b), strict=True):
+        np.testing.assert_array_equal(x, y)

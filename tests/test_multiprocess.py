@@ -1,58 +1,80 @@
-"""Two processes with jax.distributed on CPU run the real train loop together and match one process.
+"""Two processes with jax.distributed on CPU run the real train loop together: they match one process, and
+they survive a preemption and a crash exactly.
 
-The same teacher run (3 steps on a small random latents dataset, FSDP over 4 devices) is started once as a
-single process with 4 virtual devices and once as 2 processes x 2 devices that find each other through
-DOLLAR_COORDINATOR. Every host reads only its rows of each global batch, host 0 alone writes metrics, and
-both write their checkpoint shards; the losses of every step must agree.
+One test, so that its runs are shared (each start of two processes costs a minute of compiling on 2 cores):
+1. The quick world teacher on a small random latents dataset, FSDP over 4 devices, asynchronous checkpoints
+   every 2 steps: once as one process with 4 virtual devices, once as 2 processes x 2 devices that find each
+   other through DOLLAR_COORDINATOR. Every host reads only its rows of each global batch, host 0 alone writes
+   metrics, both write their checkpoint shards; the losses of every step and the exported weights agree.
+2. The same two-process run again: SIGTERM to ONE host (the JAX preemption service tells both; both save the
+   same step and exit 75), a restart, then both SIGKILLed while saving asynchronously, and a last restart to
+   the end: bit-exact with the unbroken two-process run of part 1.
 """
 
-import json
+import glob
 import os
+import signal
 
-import jax
 import numpy as np
 import pytest
-from processes import run as run_processes, teacher_args, write_random_latents
+from processes import (assert_same_run, checkpoint_steps, finish, last_logged_step, losses, run, start, teacher_args,
+                       teacher_weights, wait_for, write_random_latents)
+
+from dollar_jax.train.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
-STEPS = 3
+STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_random_latents(str(tmp_path_factory.mktemp("mp_data")))
+def _args(workdir, data_dir):
+    # No compilation cache: JAX writes it from process 0 only, and in a restart tried here process 0 loaded the
+    # step while process 1 compiled it; on a loaded CPU the first Gloo collective then timed out (30 s).
+    return teacher_args(workdir, data_dir, STEPS, "--config.checkpoint.every_steps=2",
+                        "--config.checkpoint.asynchronous=True", "--config.checkpoint.keep=10",
+                        "--config.compilation_cache=")
 
 
-def _run(workdir, data_dir, processes: int, devices_per_process: int):
-    args = teacher_args(workdir, data_dir, STEPS, f"--config.checkpoint.every_steps={STEPS}",
-                        "--config.checkpoint.asynchronous=False")
-    return run_processes(args, processes, devices_per_process)
+def test_two_processes_match_one_and_resume_exactly_after_preemption_and_kill(tmp_path):
+    data_dir = write_random_latents(str(tmp_path / "data"))
+    single, whole, cut = str(tmp_path / "single"), str(tmp_path / "whole"), str(tmp_path / "cut")
 
-
-def _losses(workdir):
-    with open(os.path.join(workdir, "runs", "teacher", "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def test_two_processes_match_one(data_dir, tmp_path):
-    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    _run(single, data_dir, processes=1, devices_per_process=4)
-    outputs = _run(multi, data_dir, processes=2, devices_per_process=2)
+    # 1. Two processes = one process.
+    run(_args(single, data_dir), processes=1, devices_per_process=4)
+    outputs = run(_args(whole, data_dir), processes=2, devices_per_process=2)
     for pid, out in enumerate(outputs):  # they really formed one 4-device runtime
         assert f"process {pid} of 2: 2 local / 4 global devices" in out, out[-2000:]
-    want, got = _losses(single), _losses(multi)
-    assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-4)
-    # Both runs saved the final step; the multi-process checkpoint holds every host's shards.
-    for run in (single, multi):
-        assert str(STEPS) in os.listdir(os.path.join(run, "runs", "teacher", "checkpoints"))
-        assert os.path.exists(os.path.join(run, "teacher", "config.json"))  # the exported model folder
+    want, got = losses(single), losses(whole)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=2e-4)
+    for workdir in (single, whole):  # both saved the final step and exported the model folder
+        assert checkpoint_steps(workdir)[-1] == STEPS
+        assert os.path.exists(os.path.join(workdir, "teacher", "config.json"))
     # The exported teachers (every host wrote its shards, host 0 the folder) hold the same weights.
-    from flax import nnx
+    for x, y in zip(teacher_weights(single), teacher_weights(whole), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
-    from dollar_jax.checkpoint import load_dit
+    # 2. Preempted on one host, then both killed: the restarts end bit-exact with the unbroken run.
+    procs = start(_args(cut, data_dir), 2, 2)
+    wait_for(lambda: last_logged_step(cut) >= 2, procs, what="step 2")
+    os.killpg(procs[1].pid, signal.SIGTERM)  # only host 1 is told
+    outputs = finish(procs, expect=PREEMPTED_EXIT_CODE)
+    saved = checkpoint_steps(cut)[-1]
+    assert saved < STEPS
+    for out in outputs:  # both hosts stopped after the same step and saved it together
+        assert f"saved the checkpoint of step {saved}" in out, out[-2000:]
 
-    a, b = (nnx.to_pure_dict(nnx.state(load_dit(os.path.join(r, "teacher")), nnx.Param)) for r in (single, multi))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    procs = start(_args(cut, data_dir), 2, 2)
+    after = saved + 2 - saved % 2  # the next periodic checkpoint
+    wait_for(lambda: after in checkpoint_steps(cut) and last_logged_step(cut) > after, procs, what=f"checkpoint {after}")
+    os.killpg(procs[1].pid, signal.SIGKILL)  # one host dies, then the other
+    os.killpg(procs[0].pid, signal.SIGKILL)
+    finish(procs, expect=None)
+    resumed_from = checkpoint_steps(cut)[-1]
+    assert after <= resumed_from < STEPS
+
+    outputs = run(_args(cut, data_dir), processes=2, devices_per_process=2)
+    assert f"resumed from step {resumed_from}" in outputs[0], outputs[0][-2000:]
+    assert_same_run(whole, cut)
+    assert checkpoint_steps(cut)[-1] == STEPS
+    # A save cut short leaves a temporary folder at most, never a step folder; the restart cleans it up.
+    assert not glob.glob(os.path.join(cut, "runs", "teacher", "checkpoints", "*tmp*"))

@@ -38,8 +38,6 @@ def _rows(run_dir):
             if "loss_generator" in r]
 
 
-@pytest.mark.xfail(strict=False, reason="new with issue 11; not yet seen passing end to end (its first run timed "
-                   "out on an overloaded VM, the resume half never ran). Kept in CI: XPASS once it does.")
 def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(tiny_world, tmp_path):
     config, run = tiny_world, str(tmp_path / "run")
     args = [sys.executable, "-m", "dollar_jax.main", "--config=configs/world_distill.py:quick", f"--workdir={run}",

@@ -136,5 +136,6 @@ def host_target(path: str) -> dict:
 
 
 def own_row(tree: dict) -> dict:
-    """This host's row of host_to_global's arrays, as (writable) NumPy."""
-    return jax.tree.map(lambda a: np.array(a.addressable_shards[0].data[0]), tree)
+    """This host's row of host_to_global's arrays, as (writable) NumPy. The row is cut on the host: indexing the
+    device array would be a jitted op on one device, which the trainer's mesh context refuses."""
+    return jax.tree.map(lambda a: np.array(np.asarray(a.addressable_shards[0].data)[0]), tree)
