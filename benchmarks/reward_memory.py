@@ -286,30 +286,37 @@ def plot(rows: list[dict], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, share) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {BASELINE: ("tab:gray", "^", "student alone"), "lrm": ("tab:blue", "o", "LRM path"),
               "pixel": ("tab:red", "s", "pixel path (Wan VAE + ViT-B/16)")}
+    alone = {(r["compiler"], r["frames"]): r["peak_bytes"] for r in rows if r["path"] == BASELINE and "peak_bytes" in r}
     for compiler in dict.fromkeys(r["compiler"] for r in rows):
         dashed = "TPU" in compiler
         for path, (color, marker, label) in styles.items():
-            pts = [(r["frames"], r["peak_bytes"] / GIB) for r in rows
-                   if r["compiler"] == compiler and r["path"] == path and "peak_bytes" in r]
-            if pts:
-                x, y = zip(*sorted(pts))
-                ax.plot(x, y, color=color, marker=marker, linestyle="--" if dashed else "-",
-                        label=f"{label}, {compiler}")
+            done = [r for r in rows if r["compiler"] == compiler and r["path"] == path and "peak_bytes" in r]
+            style = dict(color=color, marker=marker, linestyle="--" if dashed else "-", label=f"{label}, {compiler}")
+            if done:
+                x, y = zip(*sorted((r["frames"], r["peak_bytes"] / GIB) for r in done))
+                ax.plot(x, y, **style)
+            over = sorted((r["frames"], (r["peak_bytes"] - alone[compiler, r["frames"]]) / GIB) for r in done
+                          if path != BASELINE and (compiler, r["frames"]) in alone)
+            if over:
+                share.plot(*zip(*over), **style)
     ax.scatter([128], [PAPER_PIXEL_GB_AT_128 * 1e9 / GIB], marker="*", s=160, color="black", zorder=5,
                label="paper: pixel path > 90 GB at 128 frames")
     ax.axhline(80e9 / GIB, color="gray", linewidth=0.8, linestyle=":")
-    ax.text(8, 80e9 / GIB * 1.1, "80 GB (one H100)", color="gray", fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(FRAMES, [str(f) for f in FRAMES])
-    ax.set_xlabel("video frames")
-    ax.set_ylabel("compiled peak memory per step (GiB)")
-    ax.set_title("One reward fine-tuning generator step: LRM vs pixel path")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.text(8, 80e9 / GIB * 1.15, "80 GB (one H100)", color="gray", fontsize=8)
+    ax.set_title("One reward fine-tuning generator step: compiled peak")
+    ax.set_ylabel("peak memory per step (GiB)")
+    share.set_title("The reward path's own share: peak minus the student alone")
+    share.set_ylabel("GiB over the student alone")
+    for a in (ax, share):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xticks(FRAMES, [str(f) for f in FRAMES])
+        a.set_xlabel("video frames (480 x 832, batch 1)")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
