@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,27 @@ def test_planner_compiles_for_a_tpu_topology_with_xla_tpu():
     assert mem["peak"] >= mem["arguments"] and plan["hbm_gib_per_device"] == 95 and plan["fits"] is True
     assert plan["estimated_step_seconds"] > 0 and 0 < plan["estimated_mfu"] < 1
     assert plan["hardware_tflops_per_device_step"] > plan["model_tflops_per_device_step"] > 0
+
+
+def _reward_memory():
+    spec = importlib.util.spec_from_file_location("reward_memory", os.path.join(ROOT, "benchmarks", "reward_memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reward_memory_benchmark_compiles_both_generator_steps():
+    # benchmarks/reward_memory.py at tiny sizes (8 frames at 32 x 32, a 2-level decoder, a 1-layer ViT):
+    # both generator steps compile, and the pixel path's temporaries exceed the LRM path's.
+    bench = _reward_memory()
+    rows = {path: bench.measure(path, 8, 32, 32, tiny=True, compiler_options=bench.FAST_COMPILE)
+            for path in bench.PATHS}
+    for row in rows.values():
+        assert row["peak_bytes"] == row["argument_bytes"] + row["temp_bytes"] + row["output_bytes"] - row["alias_bytes"]
+        assert row["output_bytes"] > 0 and "step_s" not in row  # compiled, not run (run_max_gib=0)
+    assert rows["pixel"]["temp_bytes"] > rows["lrm"]["temp_bytes"] > 0
+    assert rows["lrm"]["frozen_params"] == 189_441  # the paper's image LRM, whatever the latent size
+    assert rows["lrm"]["latent_frames"] == 3 and rows["pixel"]["student_params"] == rows["lrm"]["student_params"]
+    table = bench.markdown([{**r, "compiler": "XLA:CPU"} for r in rows.values()])
+    assert table.count("\n") == 3 and "| pixel |" in table

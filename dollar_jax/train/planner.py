@@ -48,6 +48,17 @@ def _bytes(tree) -> int:
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
+def memory_summary(memory) -> dict:
+    """A compiled executable's memory_analysis() in bytes, with the live peak: arguments + temporaries + the
+    outputs not aliased to (donated) arguments."""
+    fields = {"argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
+              "alias_bytes": memory.alias_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes}
+    fields = {k: int(v) for k, v in fields.items()}
+    fields["peak_bytes"] = (fields["argument_bytes"] + fields["temp_bytes"] + fields["output_bytes"]
+                            - fields["alias_bytes"])
+    return fields
+
+
 def topology_devices(topology: str) -> list:
     """The devices of a TPU topology ("v5p:2x2x2", "v6e:4x4", ...) for ahead-of-time compilation on any host."""
     # libtpu otherwise looks for a TPU VM's metadata server and refuses to share the process.
@@ -183,8 +194,8 @@ def plan_distill_step(config, mesh_shape: dict, topology: str | None = None, est
     chip = chip_spec(device)
     model_flops = sum(flops.values())
     hardware_flops = model_flops + recompute
-    peak_bytes = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
-                  + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    memory = memory_summary(memory)
+    peak_bytes = memory["peak_bytes"]
     hbm = chip.hbm_gib_per_device(device) if chip else None
     plan = {
         "compiler": f"XLA:TPU ({topology})" if topology else "XLA:CPU (upper bound)",
@@ -200,10 +211,10 @@ def plan_distill_step(config, mesh_shape: dict, topology: str | None = None, est
         "opt_state_gib": {role: _bytes(abstract.opt_state[role]) / GIB for role in abstract.opt_state},
         "ema_gib": {role: _bytes(abstract.ema[role]) / GIB for role in abstract.ema},
         "per_device_gib": {
-            "arguments": memory.argument_size_in_bytes / GIB,
-            "outputs": memory.output_size_in_bytes / GIB,
-            "aliased": memory.alias_size_in_bytes / GIB,
-            "temporaries": memory.temp_size_in_bytes / GIB,
+            "arguments": memory["argument_bytes"] / GIB,
+            "outputs": memory["output_bytes"] / GIB,
+            "aliased": memory["alias_bytes"] / GIB,
+            "temporaries": memory["temp_bytes"] / GIB,
             # Donated state is reused for the outputs, so the live peak is arguments + temporaries
             # + whatever outputs are not aliased to arguments.
             "peak": peak_bytes / GIB,
