@@ -141,7 +141,7 @@ def run(config, workdir: str) -> str:
         runs[stage] = paths.run(c.distill.name)
     results_path = os.path.join(paths.workdir, "report", RESULTS)
     seeds = list(dict.fromkeys(seed for _, seed, _ in students))
-    cached = _cached(results_path, seeds)
+    cached = _cached(results_path, seeds, config.seed)
     results = stages.run("evaluation", lambda: cached or evaluate(config, workdir, folders), cached is not None)
     margin = results.setdefault("non_inferiority_margin", config.report.non_inferiority_margin)
     if margin != config.report.non_inferiority_margin:
@@ -154,11 +154,11 @@ def run(config, workdir: str) -> str:
     return report
 
 
-def _cached(path: str, seeds: list[int]) -> dict | None:
-    """The stored results, unless absent or evaluated over other training seeds (a one-seed run's results
-    predate the seed list: they hold seed 0 alone)."""
+def _cached(path: str, seeds: list[int], config_seed: int) -> dict | None:
+    """The stored results, unless absent or evaluated over other training seeds (results from before the seed
+    list hold config.seed's students alone)."""
     if not storage.exists(path):
         return None
     blob = storage.read_json(path)
     blob.pop("timings", None)
-    return blob if blob.get("distill_seeds", [0]) == seeds else None
+    return blob if blob.get("distill_seeds", [config_seed]) == seeds else None
