@@ -60,7 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
 
     # The embedded shapes world (dollar_jax/data/world.py).
-    c.world = ml_collections.ConfigDict(dict(num_frames=8, height=32, width=32, num_train=4096, num_val=256, seed=0))
+    # held_out_combinations: factor combinations (of 144) no split ever shows, evaluated apart as compositions
+    # never seen (world.held_out_set: every value and every pair of values stays in training).
+    c.world = ml_collections.ConfigDict(dict(num_frames=8, height=32, width=32, num_train=4096, num_val=256, seed=0,
+                                             held_out_combinations=0))
 
     # Datasets. `dir` defaults to <workdir>/data; datasets are tfds ArrayRecord folders read with grain.
     c.data = ml_collections.ConfigDict(dict(
@@ -213,8 +216,15 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     # The main demo's evaluation protocol (dollar_jax/jobs/demo.py).
+    # distill_seeds: one student training per seed for every ablation row (config.seed and the data order move
+    # with it); the claims average over them and their spread enters the standard error (eval/report.py). The
+    # seed equal to config.seed keeps the plain run names, so a one-seed run's work directory stays as it was.
     c.demo = ml_collections.ConfigDict(dict(prompts=16, samples_per_prompt=8, seed=0,
-                                            speed_repeats=21, speed_batches=(1, 16)))
+                                            speed_repeats=21, speed_batches=(1, 16), distill_seeds=(0,)))
+
+    # How REPORT.md judges the paper's claims (eval/report.py: verdict). Fixed here, before any run: a student
+    # "matches the teacher" when its adherence is at most this much below the teacher's at two standard errors.
+    c.report = ml_collections.ConfigDict(dict(non_inferiority_margin=0.05))
 
     # Checkpoints, logging and the non-finite guard.
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, asynchronous=True))
@@ -281,6 +291,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{stage}.batch_size and config.{stage}.steps must be positive"
                              + (" (distill.batch_size may be -1: batch_per_shard clips per batch shard)"
                                 if stage == "distill" else ""))
+    seeds = tuple(config.demo.distill_seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.demo.distill_seeds must be non-empty and distinct, got {seeds}")
+    margin = config.report.non_inferiority_margin
+    if not margin >= 0:
+        raise ValueError(f"config.report.non_inferiority_margin must be >= 0, got {margin}")
     k = config.distill.repeat_captions
     if k < 1 or (config.distill.batch_size > 0 and config.distill.batch_size % k):
         raise ValueError(f"config.distill.repeat_captions={k} must be >= 1 and divide "

@@ -23,7 +23,8 @@ def demo_run(world_run):
     c = module.get_config("quick")
     # Reuse the session's world (videos, autoencoder, latents, teacher); the demo builds the rest.
     c.data.dir, c.autoencoder.dir, c.teacher.dir = config.data.dir, config.autoencoder.dir, config.teacher.dir
-    c.world.update(dict(num_train=config.world.num_train, num_val=config.world.num_val))
+    c.world.update(dict(num_train=config.world.num_train, num_val=config.world.num_val,
+                        held_out_combinations=config.world.held_out_combinations))
     report = demo.run(c, workdir)
     return c, workdir, report
 
@@ -31,12 +32,21 @@ def demo_run(world_run):
 def test_report_structure_and_sane_numbers(demo_run):
     _, workdir, report = demo_run
     text = open(report).read()
-    for heading in ("## Ablation", "## Claims of the paper", "## Speed", "## Training curves", "## Samples",
-                    "## Stage times"):
+    for heading in ("## Protocol", "## Ablation", "## Seen and held-out", "## Claims of the paper", "## Speed",
+                    "## Training curves", "## Samples", "## Stage times"):
         assert heading in text
+    # The margin is stated before any number; every claim ends in one of the three verdicts.
+    assert text.index("Non-inferiority margin") < text.index("## Ablation")
+    claims = [line for line in text.splitlines() if line.startswith("- **") and ": " in line]
+    assert len(claims) >= 5 and all(any(f": {v}**" in line for v in ("reproduced", "not reproduced", "inconclusive"))
+                                    for line in claims), claims
     results = json.load(open(os.path.join(os.path.dirname(report), "results.json")))
     names = [r["name"] for r in results["quality"]]
     assert names[0].startswith("data") and names[1].startswith("teacher")
+    assert results["quality"][2].get("distillation_target") and "CFG 3.5" in names[2]  # the VSD real score's
+    assert len(results["held_out_prompts"]) == 4 and results["distill_seeds"] == [0]
+    for row in results["quality"][1:]:
+        assert row["held_out"]["prompts"] == 4 and 0.0 <= row["held_out"]["adherence"]["all"] <= 1.0
     for model in ("VSD", "VSD+CD", "VSD+CD+LRM"):
         assert {r["steps"] for r in results["quality"] if r.get("model") == model} == {1, 2, 4}
     for row in results["quality"][1:]:
@@ -51,7 +61,6 @@ def test_report_structure_and_sane_numbers(demo_run):
     assert teacher_nfe == 2 * results["quality"][1]["steps"]  # guided: two evaluations per step
     for png in ("teacher.png", "distill.png", "reward.png"):
         assert os.path.exists(os.path.join(os.path.dirname(report), png))
-    assert "reproduced" in text  # every claim gets a verdict, whichever way it goes
 
 
 def test_rerun_skips_finished_stages_and_reproduces_the_numbers(demo_run, capsys):

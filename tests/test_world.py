@@ -230,3 +230,54 @@ def test_prompt_set_is_deterministic_and_prefix_stable():
     # Enough prompts cover most combinations rather than repeating a few.
     combos = {tuple(p.values()) for p in world.prompt_set(CFG, 288)}
     assert len(combos) > 100
+
+
+# ---------------------------------------------------------------------------------- held-out compositions
+
+HELD = WorldConfig(held_out_combinations=40)  # many, so that a leak would show in a few hundred clips
+
+
+def test_held_out_set_is_fixed_nested_and_keeps_every_value_and_pair_seen():
+    held = world.held_out_set(HELD)
+    assert len(held) == 40 and held == world.held_out_set(WorldConfig(held_out_combinations=40))
+    assert world.held_out_set(WorldConfig(held_out_combinations=6)) <= held  # a smaller set is part of a larger
+    assert world.held_out_set(CFG) == frozenset()
+    seen = set(itertools.product(*(range(len(CFG.values(f))) for f in FACTORS))) - held
+    for i, j in itertools.combinations(range(len(FACTORS)), 2):
+        for a, b in itertools.product(range(len(CFG.values(FACTORS[i]))), range(len(CFG.values(FACTORS[j])))):
+            assert any(c[i] == a and c[j] == b for c in seen), (FACTORS[i], a, FACTORS[j], b)
+    assert sorted(tuple(p[f] for f in FACTORS) for p in world.held_out_prompts(HELD)) == sorted(held)
+    with pytest.raises(ValueError, match="held_out_combinations"):
+        WorldConfig(held_out_combinations=140)
+    with pytest.raises(ValueError, match="held_out_combinations"):
+        WorldConfig(held_out_combinations=-1)
+
+
+def test_seen_prompts_and_clips_never_hold_a_held_out_combination():
+    held = world.held_out_set(HELD)
+    prompts = world.prompt_set(HELD, 100)
+    assert len(prompts) == 100 and prompts[:40] == world.prompt_set(HELD, 40)
+    assert not {tuple(p[f] for f in FACTORS) for p in prompts} & held
+    # Without held-out combinations the clips are exactly the old world's (same stream).
+    for a, b in zip(world.generate(3, 5, WorldConfig(held_out_combinations=0)), world.generate(3, 5, CFG)):
+        np.testing.assert_array_equal(a["video"], b["video"])
+
+
+def test_built_dataset_leaks_no_held_out_combination(tmp_path):
+    """The dataset as the jobs build it: no training or validation caption is a held-out composition."""
+    from dollar_jax.config import base_config
+    from dollar_jax.data import arrays_dataset
+    from dollar_jax.jobs import world_data
+
+    c = base_config()
+    c.world.update(dict(height=16, width=16, num_train=300, num_val=60, held_out_combinations=40))
+    world_data.build_videos(c, str(tmp_path))  # into <workdir>/data
+    held = {world.caption(p, HELD) for p in world.held_out_prompts(HELD)}
+    for split, count in (("train", 300), ("validation", 60)):
+        source = arrays_dataset.open_split(str(tmp_path / "data"), c.data.videos, split)
+        captions = {source[i]["caption"].decode() for i in range(len(source))}
+        assert len(source) == count and not captions & held, split
+        assert len(captions) > count // 4  # many seen combinations drawn: a leak had every chance to show
+    c.world.held_out_combinations = 6  # a dataset built for another held-out set is refused, not reused
+    with pytest.raises(arrays_dataset.DatasetError, match="held-out"):
+        world_data.build_videos(c, str(tmp_path))

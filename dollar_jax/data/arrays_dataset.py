@@ -129,6 +129,11 @@ def feature_shapes(data_dir: str, name: str) -> dict[str, Feature]:
     return out
 
 
+def description(data_dir: str, name: str) -> str:
+    """The free-text description a dataset was written with (jobs record what built it there)."""
+    return _builder(data_dir, name).info.description
+
+
 def check_features(data_dir: str, name: str, expect: Mapping[str, Feature]) -> None:
     """Raise DatasetError naming every field that is missing or of another shape/dtype than `expect`."""
     stored = feature_shapes(data_dir, name)

@@ -29,6 +29,8 @@ Pure NumPy: datasets are written and clips scored on the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 
@@ -89,6 +91,9 @@ class WorldConfig:
     brightness_range: tuple[float, float] = (0.85, 1.0)  # global gain of the shape's colour
     background_max: float = 40 / 255  # background grey level ~ U(0, background_max)
     background_noise: float = 3 / 255  # std of per-pixel, per-channel Gaussian background noise
+    # Factor combinations kept out of every split, so that evaluation can ask for compositions the models
+    # never saw (`held_out_combinations`); 0 keeps the old world, clip for clip.
+    held_out_combinations: int = 0
 
     def __post_init__(self):
         for name, known in (("colours", PALETTE), ("shapes", SHAPE_FEATURES), ("directions", DIRECTIONS)):
@@ -113,6 +118,7 @@ class WorldConfig:
             raise ValueError(f"WorldConfig: the slowest, largest shape travels only {travel:.1f} reference px "
                              f"over {self.num_frames} frames (room {room:.1f}); the oracle needs "
                              f"{1.5 * _MIN_TRAVEL:.0f}: raise speed_range or num_frames, or shrink size_radii")
+        held_out_set(self)  # raises when the vocabularies cannot spare that many combinations
 
     @property
     def scale(self) -> float:
@@ -222,27 +228,87 @@ def render(factors: Mapping[str, int], rng: np.random.Generator, cfg: WorldConfi
 
 
 def generate(seed: int, count: int, cfg: WorldConfig, start: int = 0) -> Iterator[dict]:
-    """Examples start .. start+count-1; example i depends only on (seed, i), so shards and splits reproduce."""
+    """Examples start .. start+count-1; example i depends only on (seed, i), so shards and splits reproduce.
+
+    Held-out combinations are redrawn from the clip's own stream: no split ever shows one, and a world
+    without held-out combinations draws exactly the clips it always did.
+    """
+    held = held_out_set(cfg)
     for i in range(start, start + count):
         rng = np.random.default_rng([seed, i])
         factors = sample_factors(rng, cfg)
+        while held and _combo(factors) in held:
+            factors = sample_factors(rng, cfg)
         yield {"video": render(factors, rng, cfg), "caption": caption(factors, cfg), **factors}
 
 
 def prompt_set(cfg: WorldConfig, count: int, seed: int = 0) -> list[dict[str, int]]:
-    """A fixed, balanced set of factor combinations for evaluation.
+    """A fixed, balanced set of *seen* factor combinations for evaluation (never a held-out one).
 
     Each factor runs through shuffled blocks holding every value once, so any count has each value
     floor or ceil(count / len(values)) times; each factor has its own stream, so a shorter set is a prefix
-    of a longer one.
+    of a longer one. Held-out combinations are skipped in that stream (the balance is then off by the few
+    skipped), so the set stays a prefix of a longer one.
     """
-    columns = {}
-    for k, factor in enumerate(FACTORS):
-        rng = np.random.default_rng([seed, k])
-        n = len(cfg.values(factor))
-        blocks = [rng.permutation(n) for _ in range(-(-count // n))]
-        columns[factor] = np.concatenate(blocks)[:count] if blocks else np.zeros(0, int)
-    return [{f: int(columns[f][i]) for f in FACTORS} for i in range(count)]
+    held, length = held_out_set(cfg), count
+    while True:
+        columns = {}
+        for k, factor in enumerate(FACTORS):
+            rng = np.random.default_rng([seed, k])
+            n = len(cfg.values(factor))
+            blocks = [rng.permutation(n) for _ in range(-(-length // n))]
+            columns[factor] = np.concatenate(blocks)[:length] if blocks else np.zeros(0, int)
+        combos = [{f: int(columns[f][i]) for f in FACTORS} for i in range(length)]
+        seen = [c for c in combos if _combo(c) not in held]
+        if len(seen) >= count:
+            return seen[:count]
+        length += count - len(seen)
+
+
+# --------------------------------------------------------------------------- held-out compositions
+
+_HELD_OUT_SEED = 20241220  # fixed: the held-out set depends on the vocabularies and the count only
+
+
+def _combo(factors: Mapping[str, int]) -> tuple[int, ...]:
+    return tuple(int(factors[f]) for f in FACTORS)
+
+
+@functools.cache
+def held_out_set(cfg: WorldConfig) -> frozenset[tuple[int, ...]]:
+    """The world's held-out combinations, as (colour, shape, direction, size) index tuples.
+
+    Drawn in a fixed shuffled order, taking a combination only while every *pair* of factor values it holds
+    keeps another combination in training: every value, and every pair of values, is still seen, so a
+    held-out prompt asks for a new composition of known parts, never for an unseen word.
+    """
+    n = cfg.held_out_combinations
+    if n < 0:
+        raise ValueError(f"WorldConfig.held_out_combinations must be >= 0, got {n}")
+    if n == 0:
+        return frozenset()
+    combos = list(itertools.product(*(range(len(cfg.values(f))) for f in FACTORS)))
+    pairs = lambda c: [(i, j, c[i], c[j]) for i, j in itertools.combinations(range(len(FACTORS)), 2)]
+    left = {}  # pair of values -> training combinations that still show it
+    for c in combos:
+        for p in pairs(c):
+            left[p] = left.get(p, 0) + 1
+    held = []
+    for index in np.random.default_rng(_HELD_OUT_SEED).permutation(len(combos)):
+        c = combos[index]
+        if all(left[p] > 1 for p in pairs(c)):
+            held.append(c)
+            for p in pairs(c):
+                left[p] -= 1
+            if len(held) == n:
+                return frozenset(held)
+    raise ValueError(f"WorldConfig.held_out_combinations={n}: only {len(held)} of the {len(combos)} combinations "
+                     f"can be held out with every pair of factor values still seen in training")
+
+
+def held_out_prompts(cfg: WorldConfig) -> list[dict[str, int]]:
+    """Every held-out combination once, in a fixed order: the held-out half of an evaluation."""
+    return [dict(zip(FACTORS, c)) for c in sorted(held_out_set(cfg))]
 
 
 # ------------------------------------------------------------------------------------------------- oracle
@@ -488,6 +554,7 @@ def adherence(videos: np.ndarray, factors: Mapping[str, np.ndarray], cfg: WorldC
 
 
 def world_config(config) -> WorldConfig:
-    """The world of `config.world` (frames and resolution; the factor vocabularies are fixed)."""
+    """The world of `config.world` (frames, resolution, held-out combinations; the vocabularies are fixed)."""
     c = config.world
-    return WorldConfig(num_frames=c.num_frames, height=c.height, width=c.width)
+    return WorldConfig(num_frames=c.num_frames, height=c.height, width=c.width,
+                       held_out_combinations=c.held_out_combinations)

@@ -2,6 +2,10 @@
 
 Every model sees the same prompts and the same initial noise (P prompts x K samples each), so differences
 come from the models alone. Numbers are computed from the run, never from constants.
+
+The prompts are the world's *seen* compositions (`world.prompt_set`), followed by every held-out one
+(`world.held_out_prompts`, none in any training or validation clip). A row's numbers are the seen prompts';
+its "held_out" entry scores the held-out prompts apart (compositional generalisation).
 """
 
 from __future__ import annotations
@@ -54,15 +58,18 @@ class WorldBenchmark:
         self.config, self.workdir = config, workdir
         self.paths, self.wcfg = Paths.of(config, workdir), world_config(config)
         self.encoder = text_encoder(config)
-        combos = world.prompt_set(self.wcfg, prompts, seed)
-        self.groups = np.repeat(np.arange(prompts), samples_per_prompt)
+        combos = world.prompt_set(self.wcfg, prompts, seed) + world.held_out_prompts(self.wcfg)
+        self.groups = np.repeat(np.arange(len(combos)), samples_per_prompt)
+        self.seen = self.groups < prompts  # clips of seen prompts; the rest are held-out compositions
         self.factors = {f: np.asarray([combos[g][f] for g in self.groups]) for f in world.FACTORS}
         self.captions = [world.caption(combos[g], self.wcfg) for g in self.groups]
         self.text = self.encoder.encode(self.captions)
         self.null = np.broadcast_to(self.encoder.null(), self.text.shape)
         shape = arrays_dataset.feature_shapes(self.paths.data, config.data.latents)["latents"][1]
         self.latent_shape = tuple(shape)
-        self.noise = jax.random.normal(jax.random.key(seed + 100), (len(self.groups), *shape))
+        # The held-out prompts' noise has its own key: the seen prompts' noise is what it was without them.
+        self.noise = jnp.concatenate([jax.random.normal(jax.random.key(seed + 100 + k), (n, *shape))
+                                      for k, n in enumerate((int(self.seen.sum()), int((~self.seen).sum()))) if n])
         self.ae = load_autoencoder(self.paths.autoencoder)
         self.evaluator = load_world_encoder(self.paths.world_encoder(config))
         self._features = jax.jit(lambda m, v: m.features(v))
@@ -96,24 +103,47 @@ class WorldBenchmark:
                                    jax.random.key(rng_seed)))
 
     def evaluate(self, entry: Entry, out_dir: str | None = None) -> dict:
-        latents = self.generate(entry)
-        videos = world_eval.decode(self.ae, latents)
-        adherence = world.adherence(videos, self.factors, self.wcfg)
+        all_videos = world_eval.decode(self.ae, self.generate(entry))
+        row = self._score(entry, all_videos[self.seen], self.groups[self.seen],
+                          {f: v[self.seen] for f, v in self.factors.items()},
+                          [c for c, s in zip(self.captions, self.seen) if s])
+        if not self.seen.all():
+            held = ~self.seen
+            read = world.read_factors_batch(all_videos[held], self.wcfg)
+            hits = np.stack([read[f] == self.factors[f][held] for f in world.FACTORS])
+            groups = self.groups[held]
+            row["held_out"] = {
+                "prompts": int(len(np.unique(groups))),
+                "adherence": {f: float(h.mean()) for f, h in zip(world.FACTORS, hits)}
+                | {"all": float(hits.all(0).mean()), "mean": float(hits.mean())},
+                "per_prompt": {"adherence": [float(hits.mean(0)[groups == g].mean()) for g in np.unique(groups)]},
+            }
+        if out_dir is not None:
+            slug = "".join(c if c.isalnum() else "_" for c in entry.name.lower()).strip("_")
+            first = all_videos[np.unique(self.groups, return_index=True)[1]]  # one sample per prompt
+            row["grid"] = os.path.relpath(video_io.write_gif(os.path.join(out_dir, f"{slug}.gif"),
+                                                             video_io.grid(first, columns=4, upscale=3)), out_dir)
+            video_io.write_mp4(os.path.join(out_dir, f"{slug}.mp4"), video_io.grid(first, columns=4, upscale=3))
+        return row
+
+    def _score(self, entry: Entry, videos: np.ndarray, groups: np.ndarray, factors: dict, captions: list) -> dict:
+        """The table's numbers for the seen prompts' clips."""
+        adherence = world.adherence(videos, factors, self.wcfg)
         read = world.read_factors_batch(videos, self.wcfg)
-        per_clip = np.mean([read[f] == self.factors[f] for f in world.FACTORS], axis=0)
-        rewards = np.asarray(self.reward(videos, self.captions), np.float64)
+        per_clip = np.mean([read[f] == factors[f] for f in world.FACTORS], axis=0)
+        rewards = np.asarray(self.reward(videos, captions), np.float64)
         features = self.features(videos)
         pixels = videos.reshape(len(videos), -1).astype(np.float32) / 255.0
-        prompts = np.unique(self.groups)
+        prompts = np.unique(groups)
         per_prompt = {  # for paired comparisons between models with standard errors over prompts
-            "adherence": [float(per_clip[self.groups == g].mean()) for g in prompts],
-            "reward": [float(rewards[self.groups == g].mean()) for g in prompts],
+            "adherence": [float(per_clip[groups == g].mean()) for g in prompts],
+            "reward": [float(rewards[groups == g].mean()) for g in prompts],
             # Features are centred on the real clips' mean: the kernel then sees how samples differ, not the
             # direction all clips of this world share.
-            "vendi_features": [vendi_score(features[self.groups == g] - self.feature_mean) for g in prompts],
-            "vendi_pixels": [vendi_score(pixels[self.groups == g]) for g in prompts],
+            "vendi_features": [vendi_score(features[groups == g] - self.feature_mean) for g in prompts],
+            "vendi_pixels": [vendi_score(pixels[groups == g]) for g in prompts],
         }
-        row = {
+        return {
             "name": entry.name, "model": entry.model, "folder": entry.folder, "steps": len(entry.spec.timesteps),
             "network_evaluations": entry.spec.network_evaluations,
             "adherence": {f: float(adherence[f]) for f in world.FACTORS}
@@ -124,13 +154,6 @@ class WorldBenchmark:
             "frechet_distance": frechet_distance(features, self.real_features),
             "per_prompt": per_prompt,
         }
-        if out_dir is not None:
-            slug = "".join(c if c.isalnum() else "_" for c in entry.name.lower()).strip("_")
-            first = videos[np.unique(self.groups, return_index=True)[1]]  # one sample per prompt
-            row["grid"] = os.path.relpath(video_io.write_gif(os.path.join(out_dir, f"{slug}.gif"),
-                                                             video_io.grid(first, columns=4, upscale=3)), out_dir)
-            video_io.write_mp4(os.path.join(out_dir, f"{slug}.mp4"), video_io.grid(first, columns=4, upscale=3))
-        return row
 
     # ---- speed ---------------------------------------------------------------------------------------------
     def speed(self, entry: Entry, repeats: int = 21, batch: int = 1) -> dict:

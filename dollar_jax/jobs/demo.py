@@ -2,11 +2,15 @@
 
 Stages (each skipped when its output is already in the work directory, each resumable):
   videos -> autoencoder -> latents -> evaluation encoder -> teacher -> students (VSD, VSD+CD, VSD+CD+LRM)
-  -> evaluation (quality + speed, results.json) -> report (REPORT.md, plots, sample grids)
+  x config.demo.distill_seeds -> evaluation (quality + speed, results.json) -> report (REPORT.md, plots, grids)
+
+The seed equal to config.seed trains the runs `student_vsd`, ... as a one-seed demo always did; every other seed
+trains `<name>_seed<seed>` (stage "<model> seed <seed>") and is evaluated at the claims' step count only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,12 +34,24 @@ STUDENTS = {
 RESULTS = "results.json"
 
 
-def student_config(config, name: str):
+def student_config(config, name: str, seed: int | None = None):
+    """The distillation config of one ablation row, trained with `seed` (default config.seed)."""
     run_name, vsd, cd, reward = STUDENTS[name]
     c = config.copy_and_resolve_references()
+    if seed is not None and seed != config.seed:  # another training seed: its own run, init, noise and data order
+        run_name = f"{run_name}_seed{seed}"
+        c.seed = seed
+        c.data.shuffle_seed = (config.data.shuffle_seed + seed - config.seed) % 2**31
     c.distill.update(dict(name=run_name, vsd_weight=vsd, cd_weight=cd))
     c.reward.enabled = reward
     return c
+
+
+def student_runs(config) -> list[tuple[str, int, str]]:
+    """(ablation row, seed, stage name) of every student training; the first seed's stages keep the plain names."""
+    seeds = list(config.demo.distill_seeds)
+    seeds.sort(key=lambda s: s != config.seed)  # config.seed's runs first: the primary seed
+    return [(name, seed, name if seed == seeds[0] else f"{name} seed {seed}") for seed in seeds for name in STUDENTS]
 
 
 class Stages:
@@ -61,34 +77,51 @@ class Stages:
 
 
 def evaluate(config, workdir: str, folders: dict[str, str]) -> dict:
+    """`folders`: "teacher" and every student stage name of `student_runs` -> its model folder."""
+    from dollar_jax.data import world
+    from dollar_jax.eval.report import CLAIM_STEPS
     from dollar_jax.eval.world_benchmark import WorldBenchmark, entries_for
 
-    d = config.demo
+    d, s, dc = config.demo, config.sampling, config.distill
     bench = WorldBenchmark(config, workdir, prompts=d.prompts, samples_per_prompt=d.samples_per_prompt,
                            seed=d.seed, reward=config.reward.name)
     out_dir = os.path.join(Paths.of(config, workdir).workdir, "report")
-    entries = entries_for(folders["teacher"], "teacher", [config.sampling.steps], config.sampling.guidance_scale,
-                          config.sampling.convention)
-    for name in STUDENTS:
-        entries += entries_for(folders[name], name, list(config.distill.eval_steps)[::-1],
-                               config.sampling.guidance_scale, config.sampling.convention)
+    entries = [(e, {}) for e in entries_for(folders["teacher"], "teacher", [s.steps], s.guidance_scale, s.convention)]
+    if (dc.real_guidance, dc.real_convention) != (s.guidance_scale, s.convention):
+        # The teacher as the students' VSD real score sees it: the guidance they are distilled toward.
+        e = entries_for(folders["teacher"], "teacher", [s.steps], dc.real_guidance, dc.real_convention)[0]
+        entries.append((dataclasses.replace(e, name=f"{e.name[:-1]}, {dc.real_convention}: distillation target)"),
+                        {"distillation_target": True}))
+    runs = student_runs(config)
+    primary = runs[0][1]
+    for name, seed, stage in runs:
+        steps = list(dc.eval_steps)[::-1] if seed == primary else [CLAIM_STEPS]
+        for e in entries_for(folders[stage], name, steps, s.guidance_scale, s.convention):
+            entries.append((e if seed == primary else dataclasses.replace(e, name=f"{e.name} seed {seed}"),
+                            {"seed": seed}))
     quality = [bench.data_row()]
     speed = []
-    for e in entries:
-        quality.append(bench.evaluate(e, out_dir))
+    for e, extra in entries:
+        quality.append(bench.evaluate(e, out_dir) | extra)
         print(f"[demo] evaluated {e.name}: adherence {quality[-1]['adherence']['mean']:.3f}", flush=True)
-    timed = [entries[0]] + [e for e in entries if e.model == "VSD+CD+LRM"]
+    timed = [entries[0][0]] + [e for e, extra in entries if e.model == "VSD+CD+LRM" and extra.get("seed") == primary]
     for batch in d.speed_batches:  # one video (the paper's setting), and a batch where compute dominates dispatch
         for e in timed:
             speed.append(bench.speed(e, repeats=d.speed_repeats, batch=batch) | {"steps": len(e.spec.timesteps)})
     return {"quality": quality, "speed": speed, "prompts": d.prompts, "samples_per_prompt": d.samples_per_prompt,
+            "held_out_prompts": [world.caption(p, bench.wcfg) for p in world.held_out_prompts(bench.wcfg)],
+            "distill_seeds": list(dict.fromkeys(seed for _, seed, _ in runs)),
+            # Recorded with the numbers: the report judges them at the margin fixed before they were measured.
+            "non_inferiority_margin": config.report.non_inferiority_margin,
             "reward_name": config.reward.name, "speed_repeats": d.speed_repeats,
             "device": f"{jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"}
 
 
 def run(config, workdir: str) -> str:
     paths = Paths.of(config, workdir)
-    names = ["videos", "autoencoder", "latents", "evaluation encoder", "teacher", *STUDENTS, "evaluation", "report"]
+    students = student_runs(config)
+    names = ["videos", "autoencoder", "latents", "evaluation encoder", "teacher", *(r[2] for r in students),
+             "evaluation", "report"]
     stages = Stages(paths.workdir, names)
     exists = model_folder_exists
     from dollar_jax.data import arrays_dataset
@@ -101,22 +134,31 @@ def run(config, workdir: str) -> str:
                exists(paths.world_encoder(config)))
     folders = {"teacher": stages.run("teacher", lambda: teacher.run(config, workdir), exists(paths.teacher))}
     runs = {"teacher": paths.run("teacher")}
-    for name in STUDENTS:
-        c = student_config(config, name)
-        folders[name] = stages.run(name, lambda c=c: distill.run(c, workdir),
-                                   exists(os.path.join(paths.workdir, c.distill.name)))
-        runs[name] = paths.run(c.distill.name)
+    for name, seed, stage in students:
+        c = student_config(config, name, seed)
+        folders[stage] = stages.run(stage, lambda c=c: distill.run(c, workdir),
+                                    exists(os.path.join(paths.workdir, c.distill.name)))
+        runs[stage] = paths.run(c.distill.name)
     results_path = os.path.join(paths.workdir, "report", RESULTS)
-    results = stages.run("evaluation", lambda: _cached(results_path, lambda: evaluate(config, workdir, folders)),
-                         storage.exists(results_path))
+    seeds = list(dict.fromkeys(seed for _, seed, _ in students))
+    cached = _cached(results_path, seeds, config.seed)
+    results = stages.run("evaluation", lambda: cached or evaluate(config, workdir, folders), cached is not None)
+    margin = results.setdefault("non_inferiority_margin", config.report.non_inferiority_margin)
+    if margin != config.report.non_inferiority_margin:
+        print(f"[demo] WARNING: results.json recorded non_inferiority_margin={margin} with its numbers; "
+              f"config.report.non_inferiority_margin is now {config.report.non_inferiority_margin}. The report "
+              f"keeps the recorded margin (a margin is fixed before the run; delete results.json to re-evaluate)",
+              flush=True)
     report = stages.run("report", lambda: write_report(paths.workdir, results, runs, stages.timings), False)
     print(f"[demo] report: {report}", flush=True)
     return report
 
 
-def _cached(path: str, compute):
-    if storage.exists(path):
-        blob = storage.read_json(path)
-        blob.pop("timings", None)
-        return blob
-    return compute()
+def _cached(path: str, seeds: list[int], config_seed: int) -> dict | None:
+    """The stored results, unless absent or evaluated over other training seeds (results from before the seed
+    list hold config.seed's students alone)."""
+    if not storage.exists(path):
+        return None
+    blob = storage.read_json(path)
+    blob.pop("timings", None)
+    return blob if blob.get("distill_seeds", [config_seed]) == seeds else None

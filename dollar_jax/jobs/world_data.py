@@ -1,9 +1,12 @@
-"""Build the shapes world's video dataset (tfds ArrayRecord): train and validation splits."""
+"""Build the shapes world's video dataset (tfds ArrayRecord): train and validation splits.
+
+Neither split holds a held-out combination (world.held_out_set): those are for evaluation only."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from dollar_jax.data import arrays_dataset, world
@@ -22,12 +25,26 @@ def video_spec(cfg: world.WorldConfig) -> dict:
     return spec
 
 
+def check_held_out(data_dir: str, name: str, cfg: world.WorldConfig) -> None:
+    """A dataset built with other held-out combinations would leak (or hide) compositions: refuse it.
+
+    The count is read from the description the dataset was written with (`WorldConfig`'s repr); datasets
+    from before held-out combinations existed have none."""
+    found = re.search(r"held_out_combinations=(\d+)", arrays_dataset.description(data_dir, name))
+    built = int(found.group(1)) if found else 0
+    if built != cfg.held_out_combinations:
+        raise arrays_dataset.DatasetError(
+            f"Dataset {arrays_dataset.dataset_path(data_dir, name)} was built with {built} held-out combinations, "
+            f"config.world.held_out_combinations is {cfg.held_out_combinations}: use a new data dir or match it")
+
+
 def build_videos(config, workdir: str) -> str:
     """Write <data>/<config.data.videos> unless it exists (then check that it has this world's shape)."""
     paths, cfg = Paths.of(config, workdir), world_config(config)
     name, spec = config.data.videos, video_spec(cfg)
     if arrays_dataset.exists(paths.data, name):
         arrays_dataset.check_features(paths.data, name, spec)
+        check_held_out(paths.data, name, cfg)
         return arrays_dataset.dataset_path(paths.data, name)
     if config.data.dir:  # an explicit folder without the dataset is often a typo: say so before building
         print(f"WARNING: config.data.dir={config.data.dir} holds no dataset {name!r}"

@@ -1,0 +1,124 @@
+"""The report's statistics on constructed inputs: three verdicts for both kinds of claim, the standard error
+over prompts and training seeds, and the protocol stated before the numbers. No model is trained here."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from dollar_jax.eval.report import (CLAIM_STEPS, claims, held_out_section, paired_over_seeds, protocol_section,
+                                    verdict)
+
+
+@pytest.mark.parametrize("kind, margin, cases", [
+    # non-inferiority at margin 0.05: the interval diff +- 2 se against -0.05
+    ("non_inferior", 0.05, {"reproduced": (-0.01, 0.01), "not reproduced": (-0.12, 0.02),
+                            "inconclusive": (-0.04, 0.02)}),
+    # superiority (any rise): the interval against 0
+    ("superior", 0.0, {"reproduced": (0.05, 0.01), "not reproduced": (-0.05, 0.01), "inconclusive": (0.01, 0.01)}),
+])
+def test_verdict_returns_each_outcome(kind, margin, cases):
+    for outcome, (diff, se) in cases.items():
+        assert verdict(diff, se, kind, margin) == outcome, (kind, diff, se)
+
+
+def test_verdict_edges():
+    assert verdict(0.0, 0.01, "non_inferior", 0.05) == "reproduced"  # equal models are non-inferior ...
+    assert verdict(0.0, 0.01, "superior") == "inconclusive"  # ... but do not "raise"
+    assert verdict(0.5, float("nan"), "superior") == "inconclusive"  # an unknown SE supports nothing
+    with pytest.raises(ValueError, match="kind"):
+        verdict(0.1, 0.01, "better")
+    with pytest.raises(ValueError, match="margin"):
+        verdict(0.1, 0.01, "non_inferior", -0.1)
+
+
+def test_standard_error_over_prompts_and_seeds():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(1, 12)), rng.normal(size=(1, 12))
+    d, se = paired_over_seeds([(a[0], b[0])])  # one seed: the paired SE over prompts
+    assert d == pytest.approx((a - b).mean()) and se == pytest.approx((a - b).std(ddof=1) / np.sqrt(12))
+    # Three seeds whose means differ by an offset: the seeds' spread enters the SE.
+    base = rng.normal(size=12)
+    offsets = np.array([-0.3, 0.0, 0.3])
+    pairs = [(base + o, np.zeros(12)) for o in offsets]
+    d, se = paired_over_seeds(pairs)
+    want = np.sqrt(offsets.var(ddof=1) / 3 + base.var(ddof=1) / 12)
+    assert d == pytest.approx(base.mean()) and se == pytest.approx(want)
+    assert se > paired_over_seeds([pairs[1]])[1]
+
+
+def _row(model, steps, adherence, seed=None, held=None, **extra):
+    p = len(adherence)
+    row = {"name": f"{model} ({steps} steps)", "model": model, "steps": steps,
+           "adherence": {"mean": float(np.mean(adherence)), "all": 0.5},
+           "per_prompt": {"adherence": list(adherence), "reward": [0.5] * p, "vendi_features": [2.0] * p,
+                          "vendi_pixels": [3.0] * p}} | extra
+    if seed is not None:
+        row["seed"] = seed
+    if held is not None:
+        row["held_out"] = {"prompts": len(held), "per_prompt": {"adherence": list(held)},
+                           "adherence": {f: 0.5 for f in ("colour", "shape", "direction", "size")}
+                           | {"mean": float(np.mean(held)), "all": 0.25}}
+    return row
+
+
+def test_claims_over_seeds_with_held_out_prompts():
+    rng = np.random.default_rng(1)
+    teacher = rng.uniform(0.5, 0.9, 16)
+    held_teacher = rng.uniform(0.5, 0.9, 6)
+    quality = [{"name": "data", "adherence": {}},
+               _row("teacher", 50, teacher, held=held_teacher),
+               _row("teacher", 50, teacher - 0.1, held=held_teacher, distillation_target=True)]
+    for seed in (0, 1, 2):
+        noise = rng.normal(0, 0.01, 16)
+        quality.append(_row("VSD+CD", CLAIM_STEPS, teacher + noise, seed, held=held_teacher - 0.3))  # far below
+        quality.append(_row("VSD+CD+LRM", CLAIM_STEPS, teacher + noise, seed, held=held_teacher))
+        quality.append(_row("VSD", CLAIM_STEPS, teacher, seed))
+        quality.append(_row("VSD+CD+LRM", 1, teacher - 0.5, seed))  # other step counts are not judged
+    out = {claim: (result, detail) for claim, result, detail in claims({"quality": quality, "reward_name": "r"}, 0.05)}
+    seen = {c: r for c, r in out.items() if "matches" in c and "held-out" not in c}
+    held = {c: r for c, r in out.items() if "held-out" in c}
+    assert [r for r, _ in seen.values()] == ["reproduced", "reproduced"]
+    assert all("3 seeds" in d and "distillation target" in d for _, d in seen.values())
+    assert {c.split("(")[1].split(")")[0]: r for c, (r, _) in held.items()} == {
+        "VSD+CD+LRM": "reproduced", "VSD+CD": "not reproduced"}
+    assert out["The latent reward model raises the reward"][0] == "inconclusive"  # equal rewards: no rise
+
+
+def test_protocol_states_margin_seeds_and_held_out_prompts_first():
+    results = {"distill_seeds": [0, 1, 2], "held_out_prompts": ["a large red circle moving up"], "prompts": 16,
+               "quality": [_row("teacher", 50, [0.5, 0.6], held=[0.4])]}
+    text = "\n".join(protocol_section(results, 0.05))
+    assert "margin" in text and "**0.05**" in text and "3 (0, 1, 2)" in text and "a large red circle moving up" in text
+    assert "one seed" in "\n".join(protocol_section(results | {"distill_seeds": [0]}, 0.05))
+    assert "| teacher (50 steps) | 0.550 |" in "\n".join(held_out_section(results))
+
+
+def _demo_config(arg):
+    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..",
+                                                                               "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_demo_config_seeds_margin_and_held_out():
+    from dollar_jax.config import validate
+    from dollar_jax.jobs.demo import student_config, student_runs
+
+    default, paper = _demo_config(None), _demo_config("paper")
+    assert tuple(default.demo.distill_seeds) == (0,) and tuple(paper.demo.distill_seeds) == (0, 1, 2)
+    assert default.report.non_inferiority_margin > 0 and default.world.held_out_combinations > 0
+    with pytest.raises(AttributeError):
+        default.report.non_inferiority_margn = 0.1  # the config is locked: a mistyped key is an error
+    # One seed keeps the run names a one-seed demo always had (its work directory resumes as it was).
+    assert [(n, s) for n, s, _ in student_runs(default)] == [("VSD", 0), ("VSD+CD", 0), ("VSD+CD+LRM", 0)]
+    assert student_config(default, "VSD", 0).distill.name == "student_vsd"
+    runs = student_runs(paper)
+    assert len(runs) == 9 and runs[3][2] == "VSD seed 1"
+    c = student_config(paper, "VSD+CD", 2)
+    assert (c.distill.name, c.seed, c.data.shuffle_seed) == ("student_vsd_cd_seed2", 2, 2)
+    paper.demo.distill_seeds = (0, 0)
+    with pytest.raises(ValueError, match="distill_seeds"):
+        validate(paper)
