@@ -95,15 +95,22 @@ def test_labeller_never_sees_a_skipped_step_or_non_finite_latents():
                       latent_shape=(1, 1, 1, 1), text_shape=(1, 1), labeller=lab)
     raw = {"latents": np.ones((2, 1, 1, 1, 1), np.float32), "text": np.zeros((2, 1, 1), np.float32),
            "caption": [b"a", b"b"]}
+    good = np.full((2, 1, 1, 1, 1), 2.0, np.float32)
     bad = np.asarray([[[[[np.nan]]]], [[[[2.0]]]]], np.float32)
-    part.after_step(1, {"student_x0": bad}, raw)  # one NaN row: dropped, the rest labelled
-    part.after_step(2, None, raw)  # a non-finite step: nothing submitted, later steps do not wait for it
-    assert part.extra_inputs(4)["lrm_valid"].sum() == 0  # step 4 (lag 2, window 1) may use only step 2: skipped
-    batch = part.extra_inputs(3)
+    part.after_step(1, {"student_x0": good}, raw)  # labelled: 2 real + 2 student rows
+    part.after_step(2, {"student_x0": bad}, raw)  # one NaN row: the whole step is skipped (rows stay aligned)
+    part.after_step(3, None, raw)  # a non-finite step: nothing submitted, later steps do not wait for it
+    batch = part.extra_inputs(3)  # lag 2, window 1: step 1's labels
     assert batch["lrm_valid"].sum() == 2 and np.all(np.isfinite(batch["lrm_latents"]))
-    assert len(submitted) == 1 and submitted[0].shape[0] == 3 and np.all(np.isfinite(submitted[0]))
+    assert part.extra_inputs(4)["lrm_valid"].sum() == 0  # may use only step 2: skipped
+    assert part.extra_inputs(5)["lrm_valid"].sum() == 0  # only step 3: skipped
+    assert len(submitted) == 1 and submitted[0].shape[0] == 4 and np.all(np.isfinite(submitted[0]))
     state = part.host_state()
-    assert state["skipped"].tolist() == [2] and int(state["ft_gate_open"]) == 0
+    # Step 2 left the window when step 5's batch was drawn; skipped step 3 is kept, so a resume does not wait.
+    assert state["skipped"].tolist() == [3] and int(state["ft_gate_open"]) == 0
+    # A batch for an earlier step, whose labels were dropped when a later batch was drawn: an error, not a hang.
+    with pytest.raises(ValueError, match="step order"):
+        part.extra_inputs(3)
     lab.close()
 
 

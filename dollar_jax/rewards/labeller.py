@@ -41,6 +41,7 @@ class Labeller:
         self.lag, self.window, self.seed = lag, window, seed
         self._chunks: dict[int, dict[str, np.ndarray]] = {}  # source step -> labelled arrays
         self._pending: set[int] = set()  # submitted, not yet labelled
+        self._dropped_upto = 0  # chunks of steps <= this are dropped: no later batch can sample them
         self._done = threading.Condition()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -117,11 +118,16 @@ class Labeller:
         target = step - self.lag
         with self._done:
             must = target if target >= 1 else None
+            if must is not None and must not in self._chunks and must <= self._dropped_upto:
+                # Waiting would never end: batches are drawn in step order, and this chunk is already dropped.
+                raise ValueError(f"labeller batch for step {step} needs step {must}'s labels, dropped when a later "
+                                 f"step's batch was drawn (batches must be drawn in step order)")
             while must is not None and must not in self._chunks and self._error is None:
                 self._done.wait(timeout=1.0)
             self._raise_if_failed()
             for s in [s for s in self._chunks if s <= target - self.window]:
                 del self._chunks[s]  # no step from here on can sample these
+            self._dropped_upto = max(self._dropped_upto, target - self.window)
             chunks = [self._chunks[s] for s in self._eligible(step)]
         if not chunks:
             return None
