@@ -1,10 +1,8 @@
 """gs:// workdirs, model folders and datasets, against a local GCS emulator (tests/gcs_emulator.py)."""
 
-import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
