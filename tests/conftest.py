@@ -2,10 +2,12 @@
 
 import os
 
-from cpu_flags import xla_flags
+from cpu_flags import COMMON, xla_flags
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+# 8 virtual devices unless the caller chose a count; the deadlock and timeout flags always.
+_flags = os.environ.get("XLA_FLAGS", "")
+_flags = (_flags + " " + (COMMON if "xla_force_host_platform_device_count" in _flags else xla_flags(8))).strip()
+os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -22,14 +24,12 @@ def pytest_configure(config):
     environment) and removes it when the run ends."""
     import tempfile
 
-    import jax
+    from dollar_jax import compilation_cache
 
     if "DOLLAR_TEST_XLA_CACHE" not in os.environ:
         os.environ["DOLLAR_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="dollar-jax-test-xla-cache-")
         config._dollar_owns_xla_cache = True
-    jax.config.update("jax_compilation_cache_dir", os.environ["DOLLAR_TEST_XLA_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # the steps, not every tiny jit
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.enable(os.environ["DOLLAR_TEST_XLA_CACHE"], workdir="")  # the trainer's own settings
 
 
 def pytest_unconfigure(config):
