@@ -38,10 +38,24 @@ DEFAULT_PORT = 12355
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
+def cpu_pool_threads(devices: int) -> int:
+    """Threads for XLA:CPU's client pool (env PJRT_NPROC) with `devices` virtual devices.
+
+    XLA sizes that pool max(cores, devices), and each device's share of a collective blocks one pool thread in
+    its rendezvous until every device has arrived. When anything else holds a pool thread (another program in
+    flight, a transfer), the last device never starts and the process hangs until XLA aborts it ("Termination
+    timeout ... exceeded"). Reproduced with 8 devices on 2 cores: back-to-back sharded programs with collectives
+    hung within 3,000 calls with the default pool, 3 of 3 times; with 2x and 4x the devices' threads, 20,000
+    calls ran, and the DOLLAR step's time did not change (BENCHMARKS.md, "Test suite")."""
+    return 4 * devices
+
+
 def cpu_env(devices: int, base_xla_flags: str) -> list[tuple[str, str]]:
-    """JAX on the CPU with `devices` virtual devices (replacing any device count already in XLA_FLAGS)."""
+    """JAX on the CPU with `devices` virtual devices (replacing any device count already in XLA_FLAGS) and a
+    client thread pool their collectives cannot exhaust (cpu_pool_threads)."""
     kept = [f for f in base_xla_flags.split() if not f.startswith(CPU_DEVICES_FLAG)]
-    return [("JAX_PLATFORMS", "cpu"), ("XLA_FLAGS", " ".join(kept + [f"{CPU_DEVICES_FLAG}={devices}"]))]
+    return [("JAX_PLATFORMS", "cpu"), ("XLA_FLAGS", " ".join(kept + [f"{CPU_DEVICES_FLAG}={devices}"])),
+            ("PJRT_NPROC", str(cpu_pool_threads(devices)))]
 
 
 def device_env(args, gpus: list[int] | None) -> list[tuple[str, str]]:
@@ -50,7 +64,8 @@ def device_env(args, gpus: list[int] | None) -> list[tuple[str, str]]:
         env.append(("CUDA_VISIBLE_DEVICES", ",".join(map(str, gpus))))
     if args.cpu_devices_per_process:
         user = dict(args.env).get("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-        env += cpu_env(args.cpu_devices_per_process, user)
+        env += [(k, v) for k, v in cpu_env(args.cpu_devices_per_process, user)
+                if not (k == "PJRT_NPROC" and k in dict(args.env))]  # the user's pool size wins
     return env
 
 

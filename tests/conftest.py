@@ -2,14 +2,14 @@
 
 import os
 
-from cpu_flags import COMMON, xla_flags
+from cpu_flags import COMMON, cpu_test_env, requested_devices
 
-# 8 virtual devices unless the caller chose a count; the deadlock and timeout flags always.
+# 8 virtual devices unless the caller chose a count; the caller's other flags, ours, and the pool size always.
 _flags = os.environ.get("XLA_FLAGS", "")
-_flags = (_flags + " " + (COMMON if "xla_force_host_platform_device_count" in _flags else xla_flags(8))).strip()
-os.environ["XLA_FLAGS"] = _flags
+_env = cpu_test_env(requested_devices(_flags, 8), f"{_flags} {COMMON}")
+os.environ.setdefault("JAX_PLATFORMS", _env.pop("JAX_PLATFORMS"))  # the GPU machine runs its kernel tests on cuda
+os.environ.update(_env)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402
 

@@ -10,7 +10,7 @@ import time
 
 import jax
 import numpy as np
-from cpu_flags import xla_flags
+from cpu_flags import cpu_test_env
 
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.latents import latent_spec, save_null_text
@@ -51,7 +51,7 @@ def teacher_args(workdir: str, data_dir: str, steps: int, *extra: str) -> list[s
 
 def start(args: list[str], processes: int, devices_per_process: int, **env) -> list[subprocess.Popen]:
     """Start `args` as `processes` jax.distributed processes (or one plain process), CPU devices only."""
-    base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices_per_process),
+    base = dict(os.environ, **cpu_test_env(devices_per_process),
                 **env)
     port = free_port()
     procs = []

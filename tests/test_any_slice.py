@@ -19,7 +19,7 @@ from dollar_jax.data.pipeline import resolve_global_batch, with_global_batch
 from dollar_jax.parallel import make_mesh
 from dollar_jax.parallel import sharding
 from dollar_jax.parallel.sharding import fitted_spec
-from cpu_flags import xla_flags
+from cpu_flags import cpu_test_env
 from slice_checks import ROOT, distill_step, wan_config
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
@@ -95,7 +95,7 @@ def test_wan13b_compiles_abstractly_on_8_devices():
 def test_sixteen_devices():
     """Every 16-device check in one subprocess (JAX starts once; conftest fixes this process at 8 devices)."""
     checks = ("padded_context_16", "local_compile", "local_fewer_clips", "1.3b_compile")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(16))
+    env = dict(os.environ, **cpu_test_env(16))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "slice_checks.py"), *checks], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=1800, check=False)
     assert r.returncode == 0, r.stderr[-3000:]

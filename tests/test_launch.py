@@ -202,6 +202,7 @@ def test_gpu_local_processes_on_cpu(fake_bin):
         assert env["DOLLAR_PROCESS_ID"] == str(i) and env["DOLLAR_NUM_PROCESSES"] == "2"
         assert env["JAX_PLATFORMS"] == "cpu"
         assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
+        assert env["PJRT_NPROC"] == "16"  # a client thread pool 4 devices' collectives cannot exhaust
         host, port = env["DOLLAR_COORDINATOR"].split(":")
         assert host == "localhost"
         ports.add(port)
@@ -350,3 +351,28 @@ def test_gpu_restarts_after_preemption(tmp_path):
     (tmp_path / "runs").unlink()
     r = launch(GPU, "--python", str(f), "--max_restarts", "1", "--config", CONFIG, "--workdir", "/w")
     assert r.returncode == 75
+
+
+_BACK_TO_BACK = """
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2, 2, 2), ("a", "b", "c"), axis_types=(AxisType.Auto,) * 3)
+rows, cols = NamedSharding(mesh, P(("a", "b", "c"))), NamedSharding(mesh, P(None, ("a", "b", "c")))
+f = jax.jit(lambda x: jax.lax.with_sharding_constraint(jnp.roll(jax.lax.with_sharding_constraint(x, cols), 1, 1)
+                                                       * 2.0 + x.sum(), rows))
+xs = [jax.device_put(jnp.full((64, 64), float(i)), rows) for i in range(8)]
+outs = [f(xs[i % 8]) for i in range(3000)]  # dispatched without waiting: many programs in flight
+jax.block_until_ready(outs)
+print("finished")
+"""
+
+
+def test_cpu_env_runs_back_to_back_collectives_on_8_devices():
+    """The hang cpu_pool_threads prevents, as it was reproduced: with XLA's default pool this aborts after the
+    collective timeout (3 of 3 runs); with cpu_env it finishes in seconds."""
+    from cpu_flags import cpu_test_env
+
+    env = dict(os.environ, **cpu_test_env(8, "--xla_cpu_collective_call_terminate_timeout_seconds=60 "
+                                             "--xla_cpu_collective_timeout_seconds=60"))
+    out = subprocess.run([sys.executable, "-c", _BACK_TO_BACK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "finished" in out.stdout, out.stderr[-2000:]

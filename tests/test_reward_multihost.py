@@ -38,10 +38,6 @@ def _rows(run_dir):
             if "loss_generator" in r]
 
 
-@pytest.mark.xfail(strict=False, reason="2026-11-23: the resume bug it found is fixed (the labeller row is cut on the "
-                   "host), and its first half passed alone; in the full suite one process then aborted (SIGABRT) in "
-                   "the DOLLAR step's first execution on 2 x 2 CPU devices, like the 8-device deadlock in "
-                   "tests/cpu_flags.py. Kept in CI: XPASS once it is stable.")
 def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(tiny_world, tmp_path):
     config, run = tiny_world, str(tmp_path / "run")
     args = [sys.executable, "-m", "dollar_jax.main", "--config=configs/world_distill.py:quick", f"--workdir={run}",

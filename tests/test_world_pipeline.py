@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cpu_flags import xla_flags
+from cpu_flags import cpu_test_env
 
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches
@@ -91,7 +91,7 @@ def test_teacher_lowers_validation_loss_and_follows_colour(world_run):
 def _run_main(workdir, config_overrides, log):
     cmd = [sys.executable, "-m", "dollar_jax.main", "--config=configs/world_teacher.py:quick", f"--workdir={workdir}"]
     cmd += [f"--config.{k}={v}" for k, v in config_overrides.items()]
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, **cpu_test_env(1))
     return subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
