@@ -162,3 +162,14 @@ def test_reward_memory_benchmark_compiles_both_generator_steps():
     assert rows["lrm"]["latent_frames"] == 3 and rows["pixel"]["student_params"] == rows["lrm"]["student_params"]
     table = bench.markdown([{**r, "compiler": "XLA:CPU"} for r in rows.values()])
     assert table.count("\n") == 3 and "| pixel |" in table
+
+
+def test_a_step_estimate_faster_than_the_chips_peak_is_rejected():
+    from dollar_jax.train.planner import judge_step_estimate
+
+    # The XLA:TPU figure for the 1.3B step on one v5p chip (BENCHMARKS.md): 3.06 s for 13,867 TFLOP at 459 TFLOP/s.
+    rejected = judge_step_estimate(3.06, 13867.0, 15848.0, 459.0)
+    assert set(rejected) == {"step_estimate_rejected"} and "30.2 s" in rejected["step_estimate_rejected"]
+    kept = judge_step_estimate(40.0, 13867.0, 15848.0, 459.0)
+    assert kept["estimated_step_seconds"] == 40.0
+    assert kept["estimated_mfu"] == pytest.approx(13867.0 / 40.0 / 459.0) and kept["estimated_hfu"] > kept["estimated_mfu"]

@@ -162,6 +162,22 @@ def _pass_seconds(config, dit, mesh) -> dict[str, float]:
     return {"forward": one[0] + (layers - 1) * (two[0] - one[0]), "train": one[1] + (layers - 1) * (two[1] - one[1])}
 
 
+def judge_step_estimate(seconds: float, model_flops: float, hardware_flops: float, peak_flops: float) -> dict:
+    """The cost model's step time per device with the MFU/HFU it implies, or why it is rejected (FLOPs per
+    device and the chip's peak FLOP/s, in any one unit).
+
+    XLA:TPU's cost model gives a Pallas kernel (splash attention) no cost, and at Wan's 32,760 tokens attention
+    is most of the FLOPs: it said 3 s for the 1.3B step on one v5p chip, which would be 10x the chip's peak.
+    An estimate faster than the model FLOPs at peak is therefore reported as rejected, never as a time."""
+    floor = model_flops / peak_flops
+    if not seconds > 0 or seconds < floor:
+        return {"step_estimate_rejected": (
+            f"XLA:TPU's cost model says {seconds:.2f} s, less than the {floor:.1f} s the model FLOPs take at the "
+            f"chip's peak (its cost model does not count Pallas kernels such as splash attention)")}
+    return {"estimated_step_seconds": seconds, "estimated_mfu": model_flops / seconds / peak_flops,
+            "estimated_hfu": hardware_flops / seconds / peak_flops}
+
+
 def plan_distill_step(config, mesh_shape: dict, topology: str | None = None, estimate_time: bool = True) -> dict:
     """Compile config's distillation step on `mesh_shape` and measure it.
 
@@ -230,11 +246,9 @@ def plan_distill_step(config, mesh_shape: dict, topology: str | None = None, est
     if pass_seconds is not None:
         # Each device runs its share of every pass: the per-pass seconds are already per device.
         seconds = passes["forward"] * pass_seconds["forward"] + passes["train"] * pass_seconds["train"]
-        plan["estimated_step_seconds"] = seconds
         plan["pass_seconds"] = pass_seconds
-        if chip and seconds > 0:
-            plan["estimated_mfu"] = model_flops / n / seconds / chip.peak_bf16
-            plan["estimated_hfu"] = hardware_flops / n / seconds / chip.peak_bf16
+        if chip:
+            plan.update(judge_step_estimate(seconds, model_flops / n, hardware_flops / n, chip.peak_bf16))
     return plan
 
 
@@ -260,4 +274,6 @@ def format_plan(plan: dict) -> str:
         mfu = f", implied MFU {plan['estimated_mfu']:.1%} (HFU {plan['estimated_hfu']:.1%})" \
             if "estimated_mfu" in plan else ""
         lines.append(f"  step time, XLA:TPU cost-model ESTIMATE: {plan['estimated_step_seconds']:.1f} s{mfu}")
+    if "step_estimate_rejected" in plan:
+        lines.append(f"  step time: no estimate ({plan['step_estimate_rejected']})")
     return "\n".join(lines)
