@@ -5,8 +5,9 @@
     python tools/convert_weights.py --src WAN/transformer --dst TEACHER --dtype bfloat16
     python -m dollar_jax.main --config=configs/wan21_distill.py:1.3b --workdir=/gcs/bucket/run \\
         --config.data.dir=DATA --config.distill.teacher=TEACHER
-    python tools/plan_memory.py --config=configs/wan21_distill.py:14b --topology=v5p:2x4x4 \
-        --mesh=fsdp=8,context=4 --config.distill.batch_size=8   # XLA:TPU's per-chip memory vs HBM, before renting
+    python tools/plan_memory.py --config=configs/wan21_distill.py:14b --topology=v5p:2x2x2 \
+        --mesh=fsdp=2,context=4 --config.distill.batch_size=2 --config.distill.nan_guard=update ...  # lean switches:
+        # XLA:TPU's per-chip memory vs HBM before renting (57 GiB of 95 lean; BENCHMARKS.md lists the switches)
 
 Variants: "1.3b" (default), "14b", and "local": the same recipe on a tiny DiT and short clips, for a CPU
 smoke run or for planning on a laptop. Add ",reward" for DOLLAR's latent reward fine-tuning.
@@ -19,9 +20,9 @@ any slice size. For fewer clips than devices set the batch and give the rest of 
 axis, e.g. 8 devices, batch 2: --config.distill.batch_size=2 --config.mesh.fsdp=2 --config.mesh.context=4.
 The lean-state switches (bf16 moments, fake score and EMA; per-update NaN guards) are in BENCHMARKS.md for
 when memory is short; check a mesh with the XLA:TPU planner (tools/plan_memory.py --topology=...) before
-renting it. XLA:TPU's plans (BENCHMARKS.md, v5p, per chip): 1.3B fits one chip (81 GiB, 50 lean); 14B does not
-fit 8 chips at a clip per chip even lean (98 GiB), fits 16 lean (81 GiB) and 32 with this config's context=4
-(28 GiB lean).
+renting it. XLA:TPU's plans (BENCHMARKS.md, v5p, per chip): 1.3B fits one chip (81 GiB, 50 lean); 14B fits 8
+chips with this config's context=4 and the lean switches (57 GiB; 101 without them), not at a clip per chip
+(98 GiB lean), and 32 chips with context=4 at 28 GiB lean.
 """
 
 from dollar_jax.config import _dit_defaults, base_config, variant_flags
