@@ -5,7 +5,7 @@
     python tools/convert_weights.py --src WAN/transformer --dst TEACHER --dtype bfloat16
     python -m dollar_jax.main --config=configs/wan21_distill.py:1.3b --workdir=/gcs/bucket/run \\
         --config.data.dir=DATA --config.distill.teacher=TEACHER
-    python tools/plan_memory.py --config=configs/wan21_distill.py:14b --topology=v5p:2x2x2 \
+    python tools/plan_memory.py --config=configs/wan21_distill.py:14b --topology=v5p:2x2x2 \\
         --mesh=fsdp=2,context=4 --config.distill.batch_size=2 --config.distill.nan_guard=update ...  # lean switches:
         # XLA:TPU's per-chip memory vs HBM before renting (57 GiB of 95 lean; BENCHMARKS.md lists the switches)
 
