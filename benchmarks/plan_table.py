@@ -89,10 +89,12 @@ def main() -> None:
         else:
             p = json.load(open(out))
             m = p["per_device_gib"]
-            step = p.get("estimated_step_seconds")
-            estimate = f"{step:.0f} | {p['estimated_mfu']:.0%}" if "estimated_mfu" in p else "n/a | n/a"
             if "step_estimate_rejected" in p:
                 estimate = "rejected: below the FLOP floor | n/a"  # the JSON says why
+            elif "estimated_mfu" in p:
+                estimate = f"{p['estimated_step_seconds']:.0f} | {p['estimated_mfu']:.0%}"
+            else:
+                estimate = "n/a | n/a"
             lines.append(head + f" {m['arguments']:.1f} | {m['temporaries']:.1f} | {m['peak']:.1f} | "
                          f"{p['hbm_gib_per_device']:.0f} | {'yes' if p['fits'] else 'NO'} | "
                          f"{p['model_tflops_per_device_step']:.0f} | {estimate} | {seconds:.0f} |")

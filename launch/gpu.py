@@ -63,9 +63,9 @@ def device_env(args, gpus: list[int] | None) -> list[tuple[str, str]]:
     if gpus is not None:
         env.append(("CUDA_VISIBLE_DEVICES", ",".join(map(str, gpus))))
     if args.cpu_devices_per_process:
-        user = dict(args.env).get("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-        env += [(k, v) for k, v in cpu_env(args.cpu_devices_per_process, user)
-                if not (k == "PJRT_NPROC" and k in dict(args.env))]  # the user's pool size wins
+        given = dict(args.env)
+        env += [(k, v) for k, v in cpu_env(args.cpu_devices_per_process, given.get("XLA_FLAGS", os.environ.get(
+            "XLA_FLAGS", ""))) if not (k == "PJRT_NPROC" and k in given)]  # the user's pool size wins
     return env
 
 

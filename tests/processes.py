@@ -51,8 +51,7 @@ def teacher_args(workdir: str, data_dir: str, steps: int, *extra: str) -> list[s
 
 def start(args: list[str], processes: int, devices_per_process: int, **env) -> list[subprocess.Popen]:
     """Start `args` as `processes` jax.distributed processes (or one plain process), CPU devices only."""
-    base = dict(os.environ, **cpu_test_env(devices_per_process),
-                **env)
+    base = dict(os.environ, **cpu_test_env(devices_per_process), **env)
     port = free_port()
     procs = []
     for pid in range(processes):
