@@ -114,7 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     # DOLLAR distillation (dollar_jax/jobs/distill.py). Architecture and parameterisation come from the
-    # teacher folder; config.model only contributes numerics (dtype, param_dtype, remat_policy, attention).
+    # teacher folder; config.model only contributes numerics (dtype, param_dtype, remat_policy, attention,
+    # splash_block_sizes).
     c.distill = ml_collections.ConfigDict(dict(
         # Global batch; -1: batch_per_shard clips on every batch shard (data x fsdp mesh axes), resolved at
         # start-up from the mesh, so one config fits any slice. A batch the shards do not divide is an error
@@ -162,6 +163,10 @@ def base_config() -> ml_collections.ConfigDict:
         # and export="raw", since nothing reads it then
         nan_guard="state",  # "state": a non-finite step keeps the whole old state (an old and a new copy are
         # alive); "update": each optimiser update skips itself when its gradients are not finite (no copy)
+        # Gradient accumulation: the generator's VSD + CD gradient (and each fake-score update's) is the mean
+        # over this many equal chunks of the batch, one chunk's activations alive at a time. Each chunk draws
+        # its own noise and timesteps (the estimator is the same; the draws differ from one whole-batch pass).
+        microbatches=1, fake_microbatches=1,
         eval_steps=(1, 2, 4),  # step counts evaluated and reported for the student
     ))
     # Latent reward fine-tuning (DOLLAR's LRM), part of the distillation step when enabled.

@@ -4,6 +4,7 @@ CPU runs the reference, the Pallas splash kernel through the Pallas interpreter,
 path (tokens split over the `context` axis of 8 virtual devices, keys/values all-gathered per layer).
 """
 
+import functools
 import logging
 
 import jax
@@ -13,7 +14,8 @@ import pytest
 from flax import nnx
 
 from dollar_jax.models import WanDiT, preset
-from dollar_jax.models.attention import attention, local_attention, splash_attention, xla_attention
+from dollar_jax.models.attention import (attention, local_attention, parse_splash_blocks, splash_attention,
+                                         splash_tiling, xla_attention)
 from dollar_jax.models.layers import logical_axes
 from dollar_jax.parallel import make_mesh, sharding, tree_shardings
 
@@ -26,19 +28,79 @@ def _qkv(batch, tq, tk, heads=2, head_dim=16, seed=0):
             jax.random.normal(kv, (batch, tk, heads, head_dim)))
 
 
-@pytest.mark.parametrize("tq,tk", [(100, 100), (128, 7), (40, 600)])  # padded self, text-like, multi-block keys
-def test_splash_matches_reference_forward_and_backward(tq, tk):
+# Padded self-attention, text-like keys, and multi-block keys under an explicit tiling (two 128-token compute
+# sub-blocks per 256-token key block; the backward's own sizes).
+@pytest.mark.parametrize("tq,tk,blocks", [(100, 100, "auto"), (128, 7, "auto"),
+                                          (40, 600, "q=128,kv=256,kv_compute=128,kv_dkv=128,q_dq=128")])
+def test_splash_matches_reference_forward_and_backward(tq, tk, blocks):
     q, k, v = _qkv(2, tq, tk)
-    out = jax.jit(lambda q, k, v: splash_attention(q, k, v, interpret=True))(q, k, v)
+    splash = functools.partial(splash_attention, interpret=True, block_sizes=blocks)
+    out = jax.jit(splash)(q, k, v)
     np.testing.assert_allclose(np.asarray(out), np.asarray(xla_attention(q, k, v)), atol=2e-5, rtol=2e-5)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
 
-    got = jax.jit(jax.grad(loss(lambda *a: splash_attention(*a, interpret=True)), argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(loss(xla_attention), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-5, rtol=5e-5)
+
+
+def test_splash_tilings_fit_the_sequence_and_bad_ones_are_named():
+    # Wan 480p: 32,760 video tokens against the v6e preset; 512 text keys shrink its 1024-token key blocks.
+    padded_q, padded_k, b = splash_tiling(32760, 512, "v6e")
+    assert (padded_q, padded_k) == (32768, 512)
+    assert (b.block_q, b.block_kv, b.block_kv_compute, b.block_q_dkv) == (2048, 512, 512, 2048)
+    padded_q, padded_k, b = splash_tiling(32760, 32760, "auto")
+    assert (padded_q, b.block_q, b.block_kv) == (32768, 512, 512)
+    padded_q, padded_k, b = splash_tiling(300, 300, "q=1024,kv=256")  # one shrunk query block, two key blocks
+    assert (padded_q, padded_k, b.block_q, b.block_kv, b.block_kv_compute) == (384, 512, 384, 256, 256)
+    for spec, problem in (("q=100", "multiples of 128"), ("kv=256,kv_compute=384", "must divide"),
+                          ("block=128", "name=size"), ("v9", "preset")):
+        with pytest.raises(ValueError, match=problem):
+            parse_splash_blocks(spec)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        preset("tiny", splash_block_sizes="q=64")  # the model config refuses it before any step
+
+
+def test_remat_policy_keeps_the_splash_residuals_by_name():
+    """With save_attention the splash forward kernel runs again in the backward pass (its log-sum-exp is not
+    kept); keeping q, k, v and the kernel's named residuals runs it as often as without remat. Counted in the
+    gradient's program after dead-code elimination (what jit compiles)."""
+    from jax._src.interpreters import partial_eval as pe
+
+    def forward_kernels(policy):
+        cfg = preset("tiny", num_layers=1, attention="splash_interpret", remat_policy=policy)
+        graphdef, state = nnx.split(WanDiT(cfg, rngs=nnx.Rngs(0)))
+        x, text = jnp.zeros((1, 2, 4, 4, cfg.in_channels)), jnp.zeros((1, 3, cfg.text_dim))
+        grad = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, jnp.ones((1,)), text))))(state)
+        live, _ = pe.dce_jaxpr(grad.jaxpr, [True] * len(grad.jaxpr.outvars))
+        return str(live).count("name=splash_mha_fwd")
+
+    once = forward_kernels("none")
+    assert forward_kernels("save_attention") > once
+    assert forward_kernels("save_attention_residuals") == once
+
+
+def test_every_remat_policy_changes_memory_not_the_gradient():
+    from dollar_jax.models.dit_config import REMAT_POLICIES
+
+    cfg = preset("tiny", num_layers=2, num_attention_heads=2, attention_head_dim=8, ffn_dim=32)
+    graphdef, state = nnx.split(WanDiT(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 4, 4, cfg.in_channels)).astype(np.float32)
+    text = rng.standard_normal((1, 3, cfg.text_dim)).astype(np.float32)
+
+    def grad(policy):  # offload_attention moves the saved tensors to pinned host memory, which CPU has too
+        graph = nnx.graphdef(WanDiT(cfg.replace(remat_policy=policy), rngs=nnx.Rngs(0)))
+        loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graph, p)(x, jnp.full((1,), 300.0), text)))
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(state))
+
+    want = grad("none")
+    for policy in REMAT_POLICIES[1:]:
+        for a, b in zip(grad(policy), want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=policy)
 
 
 def test_accelerator_kernels_refuse_the_wrong_backend():

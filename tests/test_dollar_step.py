@@ -13,7 +13,7 @@ from dollar_jax.config import base_config, embedded_world
 from dollar_jax.diffusion import VPSchedule
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
-from dollar_jax.train.dollar_step import build_step, optimizer_count
+from dollar_jax.train.dollar_step import accumulated_value_and_grad, build_step, optimizer_count
 from dollar_jax.train.state import init_state, split_model
 
 LATENT, TEXT, BATCH = (1, 4, 4, 16), (4, 32), 4
@@ -63,8 +63,9 @@ def _distinct_rows(x):
 
 @pytest.fixture(scope="module")
 def fresh_with_reward():
-    """One compile: fresh fake samples, the LRM and L_FT from step 2 on, ramped over 2 L_FT steps."""
-    c = tiny_config(fake_samples="fresh", cd_weight=0.0)
+    """One compile: fresh fake samples, the LRM and L_FT from step 2 on, ramped over 2 L_FT steps; every
+    gradient accumulated over 2 micro-batches."""
+    c = tiny_config(fake_samples="fresh", cd_weight=0.0, microbatches=2, fake_microbatches=2)
     c.reward.update(dict(enabled=True, weight=1.0, ft_start_step=1, ft_ramp_steps=2, ft_microbatches=2))
     c.reward.ft_optim.learning_rate = 3e-4
     return run_steps(c, 4, expose=True, gates=(1.0, 1.0, 0.0, 1.0))
@@ -108,6 +109,36 @@ def test_lft_has_its_own_optimiser_state_counting_lft_steps(fresh_with_reward):
 
 @pytest.mark.slow
 def test_zero_vsd_weight_skips_the_sample_and_the_fake_score():
-    _, [(state, m)] = run_steps(tiny_config(vsd_weight=0.0, cd_steps=1, cd_grid=4), 1)
+    _, [(state, m)] = run_steps(tiny_config(vsd_weight=0.0, cd_steps=1, cd_grid=4, microbatches=2), 1)
     assert m["fake_score_updates"] == 0 and "loss_fake" not in m and "loss_vsd" not in m and "loss_cd" in m
     assert int(optimizer_count(state.opt_state["fake"])) == 0
+
+
+def test_accumulated_gradient_is_the_mean_over_micro_batches_with_their_own_draws():
+    """The generator's and the fake score's accumulation: chunk c of n sees rows c*B/n.. with the keys
+    split(key, n)[c]; the result is the mean of the chunks' values and gradients, per-row aux put back in order."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32), "b": jnp.ones((3,))}
+    x, y = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32), jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+
+    def loss(p, x, y, key):  # a mean over rows, with a random draw per row like VSD's timesteps
+        noise = jax.random.normal(key, x.shape)
+        pred = jnp.tanh((x + noise) @ p["w"] + p["b"])
+        return jnp.mean((pred - y) ** 2), {"pred": pred, "scale": jnp.std(noise)}
+
+    key = jax.random.key(7)
+    whole = accumulated_value_and_grad(loss, params, (x, y), (key,), 1, has_aux=True)
+    plain = jax.value_and_grad(loss, has_aux=True)(params, x, y, key)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(plain), strict=True):  # one chunk: the plain step
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    (value, aux), grads = accumulated_value_and_grad(loss, params, (x, y), (key,), 4, has_aux=True)
+    chunks = [jax.value_and_grad(loss, has_aux=True)(params, x[2 * c:2 * c + 2], y[2 * c:2 * c + 2], k)
+              for c, k in enumerate(jax.random.split(key, 4))]
+    np.testing.assert_allclose(value, np.mean([v for (v, _), _ in chunks]), rtol=1e-6)
+    np.testing.assert_allclose(aux["pred"], np.concatenate([a["pred"] for (_, a), _ in chunks]), rtol=1e-6)
+    np.testing.assert_allclose(aux["scale"], np.mean([a["scale"] for (_, a), _ in chunks]), rtol=1e-6)
+    for name in params:
+        np.testing.assert_allclose(grads[name], np.mean([g[name] for _, g in chunks], axis=0), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="does not split into 3 equal micro-batches"):
+        accumulated_value_and_grad(loss, params, (x, y), (key,), 3, has_aux=True)

@@ -36,7 +36,7 @@ from dollar_jax.train.loop import Job, train
 from dollar_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
-NUMERICS = ("dtype", "param_dtype", "remat_policy", "attention")
+NUMERICS = ("dtype", "param_dtype", "remat_policy", "attention", "splash_block_sizes")
 
 
 def teacher_folder(config, workdir: str) -> str:

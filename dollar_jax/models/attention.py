@@ -39,8 +39,16 @@ from dollar_jax.parallel.sharding import fitted_spec
 log = logging.getLogger(__name__)
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-# Splash block sizes: the largest of these that the padded token count admits.
+# Splash block sizes under "auto": the largest of these that the padded token count admits.
 _SPLASH_BLOCKS = (512, 256, 128)
+# Named splash tilings (DiTConfig.splash_block_sizes). Each is a published tuning, not one measured here:
+#   v6e - maxdiffusion's README, "Flash Block Sizes", tuned for Trillium (v6e).
+SPLASH_PRESETS = {
+    "v6e": dict(q=2048, kv=1024, kv_compute=1024, q_dkv=2048, kv_dkv=1024, kv_dkv_compute=1024),
+}
+_SPLASH_FIELDS = ("q", "kv", "kv_compute", "q_dkv", "kv_dkv", "kv_dkv_compute", "q_dq", "kv_dq")
+# The name of splash's residuals (its output and log-sum-exp) for remat policies (models/dit.py).
+SPLASH_RESIDUALS = "attention_residuals"
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -134,26 +142,107 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def parse_splash_blocks(spec: str) -> dict[str, int] | None:
+    """DiTConfig.splash_block_sizes -> requested block sizes (None: "auto").
+
+    "auto", a preset name (SPLASH_PRESETS), or "q=2048,kv=1024,kv_compute=512" with any of the fields
+    q, kv, kv_compute (forward) and q_dkv, kv_dkv, kv_dkv_compute, q_dq, kv_dq (backward; each defaults to its
+    forward counterpart). Every size is a multiple of 128; kv_compute divides kv.
+    """
+    if spec == "auto":
+        return None
+    if spec in SPLASH_PRESETS:
+        sizes = dict(SPLASH_PRESETS[spec])
+    else:
+        sizes = {}
+        for item in spec.split(","):
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in _SPLASH_FIELDS or not value.strip().isdigit():
+                raise ValueError(f"splash_block_sizes={spec!r}: expected 'auto', a preset {sorted(SPLASH_PRESETS)} "
+                                 f"or name=size pairs with names from {_SPLASH_FIELDS}")
+            sizes[name] = int(value)
+    for name in ("q", "kv"):
+        sizes.setdefault(name, 512)
+    sizes.setdefault("kv_compute", sizes["kv"])
+    for backward, forward in (("q_dkv", "q"), ("kv_dkv", "kv"), ("kv_dkv_compute", "kv_compute"), ("q_dq", "q"),
+                              ("kv_dq", "kv")):
+        sizes.setdefault(backward, sizes[forward])
+    bad = {k: v for k, v in sizes.items() if v <= 0 or v % 128}
+    if bad:
+        raise ValueError(f"splash_block_sizes={spec!r}: block sizes must be positive multiples of 128, got {bad}")
+    for compute, whole in (("kv_compute", "kv"), ("kv_dkv_compute", "kv_dkv")):
+        if sizes[whole] % sizes[compute]:
+            raise ValueError(f"splash_block_sizes={spec!r}: {compute}={sizes[compute]} must divide "
+                             f"{whole}={sizes[whole]}")
+    return sizes
+
+
+def _fit_block(block: int, length: int) -> int:
+    """`block`, shrunk (in steps of 128) for a sequence shorter than it, so short ones are not padded to it."""
+    return min(block, _round_up(length, 128))
+
+
+def _divisor_block(block: int, whole: int) -> int:
+    """The largest multiple of 128 that is <= `block` and divides `whole` (a multiple of 128)."""
+    return next(b for b in range(min(block, whole), 0, -128) if whole % b == 0)
+
+
+def splash_tiling(tq: int, tk: int, spec: str = "auto"):
+    """(padded_q, padded_k, BlockSizes) for `tq` queries and `tk` keys under DiTConfig.splash_block_sizes.
+
+    "auto" pads to a multiple of 128 (of 512 beyond 512 tokens) and takes the largest of 512/256/128 that
+    divides it. Explicit sizes are shrunk for sequences shorter than a block (Wan's 512 text tokens under a
+    2048-token query block), and the sequence is padded to a whole number of the largest block on its side.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    sizes = parse_splash_blocks(spec)
+    if sizes is None:
+        padded_q, padded_k = (_round_up(t, 128) if t <= 512 else _round_up(t, 512) for t in (tq, tk))
+        bq = next(b for b in _SPLASH_BLOCKS if padded_q % b == 0)
+        bk = next(b for b in _SPLASH_BLOCKS if padded_k % b == 0)
+        sizes = dict(q=bq, kv=bk, kv_compute=bk, q_dkv=bq, kv_dkv=bk, kv_dkv_compute=bk, q_dq=bq, kv_dq=bk)
+    else:
+        q_names, k_names = ("q", "q_dkv", "q_dq"), ("kv", "kv_dkv", "kv_dq")
+        sizes = dict(sizes)
+        for name in q_names:
+            sizes[name] = _fit_block(sizes[name], tq)
+        for name in k_names:
+            sizes[name] = _fit_block(sizes[name], tk)
+        padded_q = _round_up(tq, max(sizes[n] for n in q_names))
+        padded_k = _round_up(tk, max(sizes[n] for n in k_names))
+        for name in q_names:  # every block must divide the padded length (a smaller one may not)
+            sizes[name] = _divisor_block(sizes[name], padded_q)
+        for name in k_names:
+            sizes[name] = _divisor_block(sizes[name], padded_k)
+        sizes["kv_compute"] = _divisor_block(sizes["kv_compute"], sizes["kv"])
+        sizes["kv_dkv_compute"] = _divisor_block(sizes["kv_dkv_compute"], sizes["kv_dkv"])
+    blocks = splash.BlockSizes(
+        block_q=sizes["q"], block_kv=sizes["kv"], block_kv_compute=sizes["kv_compute"], block_q_dkv=sizes["q_dkv"],
+        block_kv_dkv=sizes["kv_dkv"], block_kv_dkv_compute=sizes["kv_dkv_compute"], block_q_dq=sizes["q_dq"],
+        block_kv_dq=sizes["kv_dq"])
+    return padded_q, padded_k, blocks
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False,
-                     kv_valid: int | None = None) -> jax.Array:
+                     kv_valid: int | None = None, block_sizes: str = "auto") -> jax.Array:
     """Pallas splash attention on one device's block, [B, Tq, N, H] x [B, Tk, N, H] -> [B, Tq, N, H].
 
     Splash needs token counts in whole blocks (>= 128); Wan's 81-frame 480p clip has 32760 tokens, so both
     sides are padded, padded keys (and keys at positions >= `kv_valid`) get segment id 1 and every query
-    segment 0: no real query sees padding.
+    segment 0: no real query sees padding. The kernel's output and log-sum-exp (what its backward needs
+    besides q, k, v) carry the checkpoint name SPLASH_RESIDUALS, so a remat policy can keep them instead of
+    re-running the forward kernel in the backward pass.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     (_, tq, heads, head_dim), tk = q.shape, k.shape[1]
-    padded_q, padded_k = (_round_up(t, 128) if t <= 512 else _round_up(t, 512) for t in (tq, tk))
-    block_q = next(b for b in _SPLASH_BLOCKS if padded_q % b == 0)
-    block_k = next(b for b in _SPLASH_BLOCKS if padded_k % b == 0)
-    blocks = splash.BlockSizes(block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
-                               block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
-                               block_q_dq=block_q, block_kv_dq=block_k)
+    padded_q, padded_k, blocks = splash_tiling(tq, tk, block_sizes)
     mask = masks.MultiHeadMask([masks.FullMask((padded_q, padded_k)) for _ in range(heads)])
-    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret,
+                                    residual_checkpoint_name=SPLASH_RESIDUALS)
     segments = splash.SegmentIds(q=jnp.zeros((padded_q,), jnp.int32),
                                  kv=(jnp.arange(padded_k) >= min(tk, kv_valid or tk)).astype(jnp.int32))
 
@@ -174,7 +263,7 @@ def _platform() -> str:
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla",
-                    kv_valid: int | None = None) -> jax.Array:
+                    kv_valid: int | None = None, splash_blocks: str = "auto") -> jax.Array:
     """Full (non-causal) attention on arrays this device holds whole; keys from `kv_valid` on are masked."""
     kernel = resolve_kernel(kernel, q.dtype, q.shape[-1])
     if kernel == "xla":
@@ -187,28 +276,29 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla
         if _platform() != "tpu":
             raise ValueError(f"attention='splash' needs a TPU (backend is {_platform()!r}); use 'auto' or "
                              "'xla' (or 'splash_interpret' to test the kernel path on CPU)")
-        return splash_attention(q, k, v, kv_valid=kv_valid)
+        return splash_attention(q, k, v, kv_valid=kv_valid, block_sizes=splash_blocks)
     if kernel == "splash_interpret":
-        return splash_attention(q, k, v, interpret=True, kv_valid=kv_valid)
+        return splash_attention(q, k, v, interpret=True, kv_valid=kv_valid, block_sizes=splash_blocks)
     raise ValueError(f"Unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla", self_attention: bool = True,
-              kv_valid: int | None = None) -> jax.Array:
+              kv_valid: int | None = None, splash_blocks: str = "auto") -> jax.Array:
     """Full attention, [B, Tq, N, H] x [B, Tk, N, H] -> [B, Tq, N, H], on the current mesh if there is one.
 
     Without a mesh (or with the xla kernel and no context axis, where XLA's partitioner does as well) the
     kernel runs directly. Otherwise it runs under `shard_map` with the layout of the module docstring.
     `kv_valid`: how many of the (global) keys are real; the rest are padding and get no weight.
+    `splash_blocks`: the splash kernels' tiling (DiTConfig.splash_block_sizes).
     """
     kernel = resolve_kernel(kernel, q.dtype, q.shape[-1])
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return local_attention(q, k, v, kernel, kv_valid)
+        return local_attention(q, k, v, kernel, kv_valid, splash_blocks)
     q_spec = fitted_spec(q.shape, ("act_batch", "act_length", "act_heads", "act_head_dim"), mesh)
     context_axes = q_spec[1]
     if kernel == "xla" and context_axes is None:
-        return local_attention(q, k, v, kernel, kv_valid)
+        return local_attention(q, k, v, kernel, kv_valid, splash_blocks)
     gather = self_attention and context_axes is not None
     # Keys/values: same batch and head split as the queries; tokens split like the queries' when they are
     # the same tokens (self-attention, then gathered inside), whole otherwise (text).
@@ -220,7 +310,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str = "xla", sel
         if gather:
             k = jax.lax.all_gather(k, context_axes, axis=1, tiled=True)
             v = jax.lax.all_gather(v, context_axes, axis=1, tiled=True)
-        return local_attention(q, k, v, kernel, kv_valid)
+        return local_attention(q, k, v, kernel, kv_valid, splash_blocks)
 
     return jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
                          check_vma=False)(q, k, v)

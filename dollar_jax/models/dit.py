@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from dollar_jax.models.attention import apply_rope, attention, rope_tables
+from dollar_jax.models.attention import (SPLASH_RESIDUALS, apply_rope, attention, resolve_kernel,
+                                         rope_tables)
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, param, sinusoidal_embedding, zeros
 from dollar_jax.parallel.sharding import constrain, shard_count
@@ -31,14 +32,27 @@ TOKENS = ("act_batch", "act_length", "act_embed")
 TEXT_TOKENS = ("act_batch", "act_text_length", "act_embed")
 
 
-def _remat_policy(name: str):
+def _remat_policy(name: str, kernel: str):
+    """The named rematerialisation policy of each scanned block (`kernel`: the resolved attention kernel)."""
     cp = jax.checkpoint_policies
+    # What attention's backward needs: q, k, v (after the rotary embedding) and, for splash, its output and
+    # log-sum-exp (SPLASH_RESIDUALS); the other kernels' backward recomputes its statistics from q and k, so they
+    # keep their output instead (the output projection's input).
+    attention_names = ("attention_qkv", SPLASH_RESIDUALS) if kernel.startswith("splash") else \
+        ("attention_qkv", "attention_out")
     return {
         "full": cp.nothing_saveable,
         # Keep the outputs of weight matmuls (projections, MLP), recompute attention and elementwise work.
         "minimal": cp.dots_with_no_batch_dims_saveable,
-        # Keep only the attention outputs (the expensive part to recompute), recompute everything else.
+        # Keep only the attention outputs, recompute everything else (with splash its forward kernel re-runs in
+        # the backward pass to rebuild the log-sum-exp: save_attention_residuals avoids that).
         "save_attention": cp.save_only_these_names("attention_out"),
+        # Keep what attention's backward reads, so no attention forward runs twice; recompute the rest.
+        "save_attention_residuals": cp.save_only_these_names(*attention_names),
+        # The same tensors, moved to host memory after the forward pass and back for the backward.
+        "offload_attention": cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=attention_names, offload_src="device",
+            offload_dst="pinned_host"),
     }[name]
 
 
@@ -55,6 +69,7 @@ class Attention(nnx.Module):
         self.norm_k = RMSNorm(dim, cfg.eps, rngs=rngs, param_dtype=kw["param_dtype"], axis_name="heads")
         self.heads = cfg.num_attention_heads
         self.kernel = cfg.attention
+        self.splash_blocks = cfg.splash_block_sizes
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, rope=None,
                  kv_valid: int | None = None) -> jax.Array:
@@ -68,8 +83,9 @@ class Attention(nnx.Module):
         v = constrain(v, ("act_batch", kv_len, "act_heads", "act_head_dim"))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (checkpoint_name(a, "attention_qkv") for a in (q, k, v))
         out = attention(q, k, v, self.kernel, self_attention=context is None,
-                        kv_valid=kv_valid if context is None else None)
+                        kv_valid=kv_valid if context is None else None, splash_blocks=self.splash_blocks)
         out = checkpoint_name(out, "attention_out")
         return self.to_out(einops.rearrange(out, "b t n h -> b t (n h)"))
 
@@ -180,8 +196,10 @@ class WanDiT(nnx.Module):
         def body(carry, layer_state):
             return nnx.merge(graphdef, layer_state)(carry, context, modulation, rope, valid_tokens), None
 
-        if self.config.remat_policy != "none":
-            body = jax.checkpoint(body, policy=_remat_policy(self.config.remat_policy), prevent_cse=False)
+        cfg = self.config
+        if cfg.remat_policy != "none":
+            kernel = resolve_kernel(cfg.attention, jnp.dtype(cfg.dtype), cfg.attention_head_dim)
+            body = jax.checkpoint(body, policy=_remat_policy(cfg.remat_policy, kernel), prevent_cse=False)
         h, _ = jax.lax.scan(body, h, stacked)
         return h
 

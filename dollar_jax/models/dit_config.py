@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-REMAT_POLICIES = ("none", "full", "minimal", "save_attention")
+REMAT_POLICIES = ("none", "full", "minimal", "save_attention", "save_attention_residuals", "offload_attention")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -33,6 +33,8 @@ class DiTConfig:
     dtype: str = "float32"
     remat_policy: str = "none"
     attention: str = "xla"
+    # Tiling of the splash kernels: "auto", a preset (attention.SPLASH_PRESETS) or "q=2048,kv=1024,...".
+    splash_block_sizes: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -43,10 +45,11 @@ class DiTConfig:
                 raise ValueError(f"DiTConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"DiTConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
-        from dollar_jax.models.attention import ATTENTION_KERNELS
+        from dollar_jax.models.attention import ATTENTION_KERNELS, parse_splash_blocks
 
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"DiTConfig.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        parse_splash_blocks(self.splash_block_sizes)  # a bad tiling fails here, not at the first step
         if self.attention_head_dim % 2:
             raise ValueError("attention_head_dim must be even (rotary embedding works on pairs)")
 

@@ -56,6 +56,41 @@ class DistillStep:
     grids: StudentGrids  # the student's training grids, warped by the schedule
 
 
+def accumulated_value_and_grad(loss_fn, params, batch: tuple, keys: tuple, microbatches: int,
+                               has_aux: bool = False):
+    """value_and_grad of `loss_fn(params, *batch, *keys)` with respect to `params`, as the mean over
+    `microbatches` equal chunks of the batch (a scan: one chunk's activations alive at a time).
+
+    `batch` holds arrays with the batch as leading axis; with one chunk `keys` are used as given (the step is
+    then exactly the unaccumulated one), otherwise chunk c draws with `jax.random.split(key, n)[c]` of each.
+    `loss_fn` returns a scalar, or (scalar, aux) with `has_aux`; aux leaves with a batch axis are put back
+    together, scalar ones averaged. A loss that is a mean over the batch's examples gives the whole batch's gradient.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    if microbatches == 1:
+        return grad_fn(params, *batch, *keys)
+    size = batch[0].shape[0]
+    if size % microbatches:
+        raise ValueError(f"a batch of {size} does not split into {microbatches} equal micro-batches "
+                         "(config.distill.microbatches / fake_microbatches must divide the batch per step)")
+    chunked = [b.reshape(microbatches, size // microbatches, *b.shape[1:]) for b in batch]
+    chunk_keys = [jax.random.split(k, microbatches) for k in keys]
+
+    def one(total, inputs):
+        value, grads = grad_fn(params, *inputs)
+        return jax.tree.map(jnp.add, total, grads), value
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, values = jax.lax.scan(one, zeros, (*chunked, *chunk_keys))
+    grads = jax.tree.map(lambda g: g / microbatches, total)
+
+    def merge(v):  # [n, ...] per chunk -> the whole batch's
+        return v.reshape(size, *v.shape[2:]) if v.ndim >= 2 and v.shape[1] == size // microbatches else \
+            jnp.mean(v, axis=0)
+
+    return jax.tree.map(merge, values), grads
+
+
 def optimizer_count(opt_state) -> jax.Array:
     """How many updates an optax state has applied (its schedule's step)."""
     counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
@@ -119,13 +154,14 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
         k_noise, k_sample, k_vsd, k_cd, k_fake = jax.random.split(state.step_key(), 5)
         text, data, null = batch["text"], batch["latents"], frozen["null_text"]
         teacher = teacher_role.module(frozen["teacher"])
-        real = make_denoiser(teacher, schedule, prediction_type, text, null, dc.real_guidance, dc.real_convention)
         fake_params = jax.lax.stop_gradient(state.params["fake"])
-        fake = make_denoiser(fake_role.module(fake_params), schedule, prediction_type, text)
         ema = state.ema.get("student")
         noise = jax.random.normal(k_noise, data.shape, jnp.float32)
 
-        def generator_loss(params):
+        def generator_loss(params, text, data, noise, k_sample, k_vsd, k_cd):
+            real = make_denoiser(teacher, schedule, prediction_type, text, null, dc.real_guidance,
+                                 dc.real_convention)
+            fake = make_denoiser(fake_role.module(fake_params), schedule, prediction_type, text)
             student = consistency_fn(params, text)
             terms, aux = {}, {}
             if use_vsd:  # with beta_VSD = 0 neither the sample nor the fake score is computed
@@ -144,7 +180,9 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
             total = dc.vsd_weight * terms.get("loss_vsd", 0.0) + dc.cd_weight * terms.get("loss_cd", 0.0)
             return total, (terms, aux)
 
-        (gen_loss, (terms, aux)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params["student"])
+        (gen_loss, (terms, aux)), grads = accumulated_value_and_grad(
+            generator_loss, state.params["student"], (text, data, noise), (k_sample, k_vsd, k_cd), dc.microbatches,
+            has_aux=True)
         lr_student = lr(optimizer_count(state.opt_state["student"]))
         student, student_opt_state, g_student = optimizer_step(student_role, state.params["student"],
                                                                state.opt_state["student"], grads)
@@ -169,11 +207,11 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
                 else:  # re-noise the generator step's own samples (cheaper: no student evaluations)
                     t_u, x_u = text, aux["x"]
 
-                def loss_fn(p):
-                    return denoising_loss(fake_role.module(p), x_u, t_u, key, schedule, prediction_type)[0]
+                def loss_fn(p, x, t, k):
+                    return denoising_loss(fake_role.module(p), x, t, k, schedule, prediction_type)[0]
 
                 lr_used = fake_lr(optimizer_count(opt_state))
-                loss, g = jax.value_and_grad(loss_fn)(p_fake)
+                loss, g = accumulated_value_and_grad(loss_fn, p_fake, (x_u, t_u), (key,), dc.fake_microbatches)
                 p_fake, opt_state, gnorm = optimizer_step(fake_role, p_fake, opt_state, g)
                 ys = (loss, gnorm, all_finite(loss, g), lr_used, x_u if expose_fake_samples else None)
                 return (p_fake, opt_state), ys
