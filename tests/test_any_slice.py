@@ -93,8 +93,10 @@ def test_wan13b_compiles_abstractly_on_8_devices():
 
 @pytest.mark.slow
 def test_sixteen_devices():
-    """Every 16-device check in one subprocess (JAX starts once; conftest fixes this process at 8 devices)."""
-    checks = ("padded_context_16", "local_compile", "local_fewer_clips", "1.3b_compile")
+    """Every 16-device check in one subprocess (JAX starts once; conftest fixes this process at 8 devices).
+    The distillation steps are lowered, not compiled: their shardings are what is checked here, and the same
+    step is compiled on 8 devices above."""
+    checks = ("padded_context_16", "local_sharding", "local_fewer_clips", "1.3b_sharding")
     env = dict(os.environ, **cpu_test_env(16))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "slice_checks.py"), *checks], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=1800, check=False)
@@ -109,7 +111,7 @@ def test_sixteen_devices():
     assert pad["grad_rel_err"] < 1e-3, pad
     assert not pad["replicated"], pad["replicated"]
 
-    local = out["local_compile"]  # wan21_distill.py:local as shipped: fsdp=16, batch resolved to 16
+    local = out["local_sharding"]  # wan21_distill.py:local as shipped: fsdp=16, batch resolved to 16
     assert local["mesh"]["fsdp"] == 16 and local["batch"] == 16 and not local["replicated"]
     assert local["argument_bytes"] < local["state_bytes"] / 4  # the state is split, not replicated
 
@@ -117,6 +119,6 @@ def test_sixteen_devices():
     assert fewer["batch"] == 2 and fewer["mesh"]["context"] == 8 and not fewer["replicated"]
     assert fewer["argument_bytes"] < local["state_bytes"] / 4  # parameters split over (fsdp, context) too
 
-    big = out["1.3b_compile"]  # wan21_distill.py:1.3b as shipped: fsdp=16, batch 16, 81 frames 480p
+    big = out["1.3b_sharding"]  # wan21_distill.py:1.3b as shipped: fsdp=16, batch 16, 81 frames 480p
     assert big["mesh"]["fsdp"] == 16 and big["batch"] == 16 and not big["replicated"], big
     assert big["argument_bytes"] < big["state_bytes"] / 8

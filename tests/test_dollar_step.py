@@ -13,6 +13,7 @@ from dollar_jax.config import base_config, embedded_world
 from dollar_jax.diffusion import VPSchedule
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
+from dollar_jax.parallel import make_mesh
 from dollar_jax.train.dollar_step import accumulated_value_and_grad, build_step, optimizer_count
 from dollar_jax.train.state import init_state, split_model
 
@@ -142,3 +143,6 @@ def test_accumulated_gradient_is_the_mean_over_micro_batches_with_their_own_draw
         np.testing.assert_allclose(grads[name], np.mean([g[name] for _, g in chunks], axis=0), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="does not split into 3 equal micro-batches"):
         accumulated_value_and_grad(loss, params, (x, y), (key,), 3, has_aux=True)
+    if jax.device_count() >= 8:  # chunks of 4 on 8 batch shards would each be replicated: refused
+        with jax.set_mesh(make_mesh({"fsdp": 8})), pytest.raises(ValueError, match="8 batch shards"):
+            accumulated_value_and_grad(loss, params, (x, y), (key,), 2, has_aux=True)
