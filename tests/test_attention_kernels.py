@@ -83,9 +83,7 @@ def test_remat_policy_keeps_the_splash_residuals_by_name():
     assert forward_kernels("save_attention_residuals") == once
 
 
-def test_every_remat_policy_changes_memory_not_the_gradient():
-    from dollar_jax.models.dit_config import REMAT_POLICIES
-
+def test_residual_remat_policies_change_memory_not_the_gradient():
     cfg = preset("tiny", num_layers=2, num_attention_heads=2, attention_head_dim=8, ffn_dim=32)
     graphdef, state = nnx.split(WanDiT(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
@@ -98,7 +96,7 @@ def test_every_remat_policy_changes_memory_not_the_gradient():
         return jax.tree.leaves(jax.jit(jax.grad(loss))(state))
 
     want = grad("none")
-    for policy in REMAT_POLICIES[1:]:
+    for policy in ("save_attention_residuals", "offload_attention"):  # the policies that name their own tensors
         for a, b in zip(grad(policy), want, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=policy)
 
