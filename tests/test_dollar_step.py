@@ -14,8 +14,8 @@ from dollar_jax.diffusion import VPSchedule
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.parallel import make_mesh
-from dollar_jax.train.dollar_step import accumulated_value_and_grad, build_step, optimizer_count
-from dollar_jax.train.state import init_state, split_model
+from dollar_jax.train.dollar_step import build_step, optimizer_count
+from dollar_jax.train.state import accumulated_value_and_grad, init_state, split_model
 
 LATENT, TEXT, BATCH = (1, 4, 4, 16), (4, 32), 4
 

@@ -23,7 +23,7 @@ from dollar_jax.rewards import reward_from_config
 from dollar_jax.rewards.decoders import make_decoder
 from dollar_jax.rewards.labeller import Labeller
 from dollar_jax.train.optim import make_optimizer
-from dollar_jax.train.state import all_finite, optimizer_step, split_model
+from dollar_jax.train.state import accumulated_value_and_grad, all_finite, optimizer_step, split_model
 
 LRM_KEYS = ("lrm_latents", "lrm_text", "lrm_score", "lrm_valid", "ft_gate")
 
@@ -168,18 +168,14 @@ class RewardPart:
 
         `sample_fn(params, text, data, key)` draws the student's training samples (with gradient)."""
         lrm = self.role.module(jax.lax.stop_gradient(lrm_params))
-        n = self.microbatches
-        split = lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:])
 
-        def one(carry, inputs):
-            k, t, d = inputs
-            loss, g = jax.value_and_grad(
-                lambda p: self.weight * reward_finetune_loss(lrm, sample_fn(p, t, d, k), t))(student_params)
-            return jax.tree.map(jnp.add, carry, g), loss
+        def loss_fn(p, t, d, k):
+            return self.weight * reward_finetune_loss(lrm, sample_fn(p, t, d, k), t)
 
-        zeros = jax.tree.map(jnp.zeros_like, student_params)
-        grads, losses = jax.lax.scan(one, zeros, (jax.random.split(key, n), split(text), split(data)))
-        return jax.tree.map(lambda g: g / n, grads), jnp.mean(losses) / self.weight
+        # One chunk draws with split(key, 1)[0], as L_FT always has (several: split(key, n)[c] in both).
+        key = jax.random.split(key, 1)[0] if self.microbatches == 1 else key
+        loss, grads = accumulated_value_and_grad(loss_fn, student_params, (text, data), (key,), self.microbatches)
+        return grads, loss / self.weight
 
 
 def local(x) -> np.ndarray:

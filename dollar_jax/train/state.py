@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dollar_jax.models.layers import logical_axes
-from dollar_jax.parallel.sharding import replicated, tree_shardings
+from dollar_jax.parallel.sharding import replicated, shard_count, tree_shardings
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -166,3 +166,43 @@ def keep_if_finite(finite: jax.Array, new: TrainState, old: TrainState) -> Train
     (only the step counter advances), so a bad batch can never poison parameters, moments or EMA."""
     kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     return kept.replace(step=new.step)
+
+
+def accumulated_value_and_grad(loss_fn, params, batch: tuple, keys: tuple, microbatches: int,
+                               has_aux: bool = False):
+    """value_and_grad of `loss_fn(params, *batch, *keys)` with respect to `params`, as the mean over
+    `microbatches` equal chunks of the batch (a scan: one chunk's activations alive at a time).
+
+    `batch` holds arrays with the batch as leading axis; with one chunk `keys` are used as given (the step is
+    then exactly the unaccumulated one), otherwise chunk c draws with `jax.random.split(key, n)[c]` of each.
+    Every chunk must still split over the mesh's batch shards (else each would be replicated: an error).
+    `loss_fn` returns a scalar, or (scalar, aux) with `has_aux`; aux leaves with a batch axis are put back
+    together, scalar ones averaged. A loss that is a mean over the batch's examples gives the whole batch's gradient.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    if microbatches == 1:
+        return grad_fn(params, *batch, *keys)
+    size = batch[0].shape[0]
+    if size % microbatches:
+        raise ValueError(f"a batch of {size} does not split into {microbatches} equal micro-batches (config."
+                         "distill.microbatches, fake_microbatches and reward.ft_microbatches must divide the batch)")
+    rows, shards = size // microbatches, shard_count("act_batch")
+    if rows % shards:  # the mesh would replicate each micro-batch: no memory saved, the compute multiplied
+        raise ValueError(f"{microbatches} micro-batches leave {rows} clip(s) each, which the mesh's {shards} batch "
+                         "shards (data x fsdp) cannot split; use fewer micro-batches or a larger batch")
+    chunked = [b.reshape(microbatches, rows, *b.shape[1:]) for b in batch]
+    chunk_keys = [jax.random.split(k, microbatches) for k in keys]
+
+    def one(total, inputs):
+        value, grads = grad_fn(params, *inputs)
+        return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), value
+
+    # Summed in float32 whatever the parameters' dtype (a bf16 fake score's gradients too), then averaged.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    total, values = jax.lax.scan(one, zeros, (*chunked, *chunk_keys))
+    grads = jax.tree.map(lambda t, p: (t / microbatches).astype(p.dtype), total, params)
+
+    def merge(v):  # [n, ...] per chunk -> the whole batch's
+        return v.reshape(size, *v.shape[2:]) if v.ndim >= 2 and v.shape[1] == rows else jnp.mean(v, axis=0)
+
+    return jax.tree.map(merge, values), grads
