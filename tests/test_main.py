@@ -117,3 +117,16 @@ def test_half_configured_cluster_names_the_missing_setting(tmp_path):
     assert out.returncode != 0
     assert "DOLLAR_NUM_PROCESSES, DOLLAR_PROCESS_ID missing" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "data").exists()
+
+
+def test_without_tensorboard_the_training_path_never_imports_tensorflow(tmp_path):
+    # clu's writers import TensorFlow (7 s of start-up on 2 cores); config.tensorboard=False must not pay it.
+    probe = ("import sys, dollar_jax.main, dollar_jax.jobs.teacher, dollar_jax.jobs.distill, dollar_jax.train.loop\n"
+             "from dollar_jax.train.metrics import make_writer\n"
+             f"w = make_writer({str(tmp_path)!r}, tensorboard=False)\n"
+             "w.write_scalars(1, {'loss': 1.0}); w.flush(); w.close()\n"
+             "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]

@@ -29,6 +29,9 @@ def test_sigterm_saves_the_current_step_and_the_restart_is_exact(data_dir, tmp_p
                                   f"--config.compilation_cache={cache}")
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     run(args(whole))
+    # config.tensorboard=False (teacher_args): metrics.jsonl and no TensorBoard event files.
+    run_files = os.listdir(os.path.join(whole, "runs", "teacher"))
+    assert "metrics.jsonl" in run_files and not [n for n in run_files if "tfevents" in n], run_files
     compiled = sorted(os.listdir(cache))
     assert any(n.startswith("jit_train_step") for n in compiled), compiled  # the step is in the cache
 

@@ -108,7 +108,7 @@ def test_sigkill_mid_interval_then_resume_is_bit_exact(world_run, tmp_path):
     shared = {"data.dir": paths.data, "autoencoder.dir": paths.autoencoder, "teacher.steps": 120,
               "checkpoint.every_steps": 40, "log_every_steps": 1, "sampling.every_steps": 0,
               "world.num_train": config.world.num_train, "world.num_val": config.world.num_val,
-              "world.held_out_combinations": config.world.held_out_combinations, "mesh.fsdp": 1,
+              "world.held_out_combinations": config.world.held_out_combinations, "mesh.fsdp": 1, "tensorboard": False,
               "compilation_cache": str(tmp_path / "cache")}  # one cache: only the reference run compiles
     with open(tmp_path / "ref.log", "w") as log:
         assert _run_main(tmp_path / "ref", shared, log).wait(timeout=600) == 0

@@ -116,9 +116,6 @@ def train(job: Job, config, workdir: str) -> TrainState:
 
 
 def _train(job: Job, config, workdir: str, mesh) -> TrainState:
-    # Metric writers import TensorFlow (clu): only the loop needs them, not the step it jits (planner, benchmarks).
-    from clu import periodic_actions
-
     from dollar_jax.train.metrics import make_writer, truncate_metrics
 
     abstract = jax.eval_shape(lambda p: init_state(job.roles, p, config.seed), job.abstract_params())
@@ -146,9 +143,15 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
             job.close()
         return state
 
-    writer = make_writer(workdir)
-    report = periodic_actions.ReportProgress(num_train_steps=job.total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
+    writer = make_writer(workdir, config.tensorboard)
+    if config.tensorboard:  # clu imports TensorFlow: only when TensorBoard is written
+        from clu import periodic_actions
+
+        report = periodic_actions.ReportProgress(num_train_steps=job.total_steps, writer=writer,
+                                                 every_steps=config.log_every_steps)
+    else:
+        def report(step):
+            pass
     config_json = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else "{}"
 
     data_wait = 0.0  # host seconds spent waiting for input since the last logged window

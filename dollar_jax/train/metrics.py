@@ -1,5 +1,8 @@
 """Metric writers: clu's default writer (TensorBoard + log) plus a JSONL record that reports and tests read.
 
+clu is imported only when TensorBoard is written: every clu writer imports TensorFlow, about 7 s of start-up
+on 2 cores, which a process that only needs metrics.jsonl (config.tensorboard = False) does not pay.
+
 Workdirs may be on object stores (gs://), where files cannot be appended to: there metrics.jsonl is
 rewritten whole at each write (one object upload; it holds one row per logged step), and TensorBoard event
 files are written to a local folder and uploaded after each write.
@@ -15,15 +18,15 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metric_writers
 
 from dollar_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-    """Appends {"step": s, name: value, ...} lines; scalars only."""
+class JsonlWriter:
+    """Appends {"step": s, name: value, ...} lines; scalars only. clu's MetricWriter interface by duck typing
+    (subclassing it would import TensorFlow)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -69,7 +72,7 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
 
-class UploadingWriter(metric_writers.MetricWriter):
+class UploadingWriter:
     """A writer of local files (TensorBoard events) whose folder is copied to an object store after each write."""
 
     def __init__(self, remote_dir: str, make_inner):
@@ -115,8 +118,23 @@ class UploadingWriter(metric_writers.MetricWriter):
         self._local.cleanup()
 
 
-def make_writer(workdir: str) -> metric_writers.MetricWriter:
-    """Host 0 writes TensorBoard events, the log and metrics.jsonl; other hosts only log."""
+class NullWriter(JsonlWriter):
+    """Writes nothing: a host other than 0 when TensorBoard is off."""
+
+    def __init__(self):
+        pass
+
+    def write_scalars(self, step, scalars):
+        pass
+
+
+def make_writer(workdir: str, tensorboard: bool = True):
+    """Host 0 writes metrics.jsonl and, with `tensorboard`, TensorBoard events and the log; other hosts log only
+    with `tensorboard` (the loop's own progress lines are printed by host 0 either way)."""
+    if not tensorboard:
+        return JsonlWriter(storage.join(workdir, METRICS_FILE)) if jax.process_index() == 0 else NullWriter()
+    from clu import metric_writers
+
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(workdir, just_logging=True)
     if storage.is_remote(workdir):  # TensorBoard's own gs:// client is not epath's: write locally, upload
