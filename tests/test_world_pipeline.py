@@ -1,6 +1,5 @@
 """The embedded world end to end: dataset, autoencoder, latents, teacher (shared session fixture)."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
