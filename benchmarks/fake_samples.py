@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """What distill.fake_samples costs: "fresh" (a new student sample per fake-score update) vs "reuse", on the
-embedded world (configs/world_distill.py:quick).
+embedded world (configs/world_distill.py:quick by default).
 
     python benchmarks/fake_samples.py --bench_dir=/tmp/fake_samples --steps=40
+    python benchmarks/fake_samples.py --bench_config=configs/demo.py --bench_dir=DEMO_WORKDIR --steps=40  # the main job's
 
-Builds the quick world and its teacher in --bench_dir once (reused on a second call), then distils the same
+Builds the config's world and its teacher in --bench_dir once (reused on a second call, and taken from a main
+job's workdir when --bench_dir is one: its students are left alone), then distils the same
 student twice, once per mode, with the same seed and data. Prints one JSON line per mode: seconds per
 iteration in the steady state (median gap between consecutive steps' metrics being fetched, after the first
 3 steps, so compilation is excluded), and the fake-score loss mean / std over every step of the run.
@@ -26,6 +28,7 @@ from absl import app, flags  # noqa: E402
 _WORKDIR = flags.DEFINE_string("bench_dir", "/tmp/fake_samples", "Work directory (world, teacher, runs).")
 _STEPS = flags.DEFINE_integer("steps", 40, "Distillation steps per mode.")
 _MODES = flags.DEFINE_list("modes", ["reuse", "fresh"], "fake_samples modes to run.")
+_CONFIG = flags.DEFINE_string("bench_config", "configs/world_distill.py:quick", "Config file[:variant] (its distill section).")
 
 
 def main(_):
@@ -37,16 +40,17 @@ def main(_):
     from dollar_jax.train.loop import train
     from dollar_jax.train.metrics import read_metrics
 
-    spec = importlib.util.spec_from_file_location("world_distill", os.path.join(
-        os.path.dirname(__file__), "..", "configs", "world_distill.py"))
-    world_distill = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(world_distill)
+    path, _, variant = _CONFIG.value.partition(":")
+    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(os.path.dirname(__file__), "..", path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     workdir = _WORKDIR.value
-    base = world_distill.get_config("quick")
+    base = module.get_config(variant or None)
     base.job = "teacher"
     run_job(base, workdir)  # videos, autoencoder, latents, teacher (skipped when present)
     for mode in _MODES.value:
-        c = world_distill.get_config("quick")
+        c = module.get_config(variant or None)
+        c.job = "distill"
         c.distill.update(dict(steps=_STEPS.value, fake_samples=mode, name=f"bench_{mode}"))
         c.sampling.every_steps, c.checkpoint.every_steps, c.log_every_steps = 0, _STEPS.value, 1
         run_dir = Paths.of(c, workdir).run(c.distill.name)

@@ -17,9 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def distill_config(config, **distill):
+    """The tests' distillation run. One program for every test that keeps these settings (and for the reward
+    tests' plain run): the suite's shared compilation cache then compiles it once, not once per test."""
     c = config.copy_and_resolve_references()
     c.job = "distill"
-    c.distill.update(dict(steps=4, batch_size=8, fake_updates=2))
+    c.distill.update(dict(steps=6, batch_size=8, fake_updates=2))
     c.distill.update(distill)
     c.log_every_steps, c.checkpoint.every_steps, c.sampling.every_steps = 1, 2, 0
     return c
@@ -37,7 +39,7 @@ def test_distill_step_on_8_devices_equals_one_device(world_run, tmp_path):
     results = {}
     for name, mesh in (("one", dict(data=1, fsdp=1, context=1, tensor=1)),
                        ("eight", dict(data=2, fsdp=2, context=1, tensor=2))):
-        c = distill_config(config, steps=2)
+        c = distill_config(config)
         c.mesh.update(mesh)
         train(distill_job.make_job(c, workdir), c, str(tmp_path / name))
         results[name] = _rows(str(tmp_path / name))
@@ -52,12 +54,13 @@ def test_resume_mid_distillation_is_exact(world_run, tmp_path):
     run = str(tmp_path / "run")
     train(distill_job.make_job(c, workdir), c, run)
     uninterrupted = _rows(run)
-    assert [r["step"] for r in uninterrupted] == [1, 2, 3, 4]
+    assert [r["step"] for r in uninterrupted] == [1, 2, 3, 4, 5, 6]
     # Lose everything after the step-2 checkpoint, as a crash there would, and run again.
-    shutil.rmtree(os.path.join(run, "checkpoints", "4"))
+    for step in ("4", "6"):
+        shutil.rmtree(os.path.join(run, "checkpoints", step))
     resumed_state = train(distill_job.make_job(c, workdir), c, run)
     assert _rows(run) == uninterrupted
-    assert int(resumed_state.step) == 4
+    assert int(resumed_state.step) == 6
 
 
 def test_cd_only_and_vsd_only_variants_compute_only_their_terms(world_run, tmp_path):
@@ -85,7 +88,7 @@ def test_sample_cli_writes_videos_from_a_student(world_run, tmp_path):
     from dollar_jax.sample import generate_folder
 
     config, workdir = world_run
-    c = distill_config(config, steps=2, name="student_cli")
+    c = distill_config(config, name="student_cli")
     out = distill_job.run(c, workdir)
     blob = json.load(open(os.path.join(out, "config.json")))
     assert blob["student"]["timesteps"] == [999.0, 749.0, 499.0, 249.0]

@@ -85,7 +85,7 @@ def test_zero_weight_non_differentiable_reward_leaves_distillation_unchanged_and
     # draw from streams of their own). L_FT at weight 1 is exercised by the test below and, with an exact
     # two-host resume, by tests/test_reward_multihost.py.
     config, workdir = world_run
-    plain = reward_config(config, steps=6)
+    plain = reward_config(config, steps=6)  # the program of tests/test_distill.py's runs: compiled once
     plain.reward.enabled = False
     with_lrm = reward_config(config, steps=6, weight=0.0, name="jpeg_compressibility")
     run_plain, run_lrm = str(tmp_path / "plain"), str(tmp_path / "lrm")
