@@ -3,7 +3,7 @@
 embedded world (configs/world_distill.py:quick by default).
 
     python benchmarks/fake_samples.py --bench_dir=/tmp/fake_samples --steps=40
-    python benchmarks/fake_samples.py --bench_config=configs/demo.py --bench_dir=DEMO_WORKDIR --steps=40  # the main job's
+    python benchmarks/fake_samples.py --bench_config=configs/demo.py --bench_dir=DEMO_WORKDIR --steps=40
 
 Builds the config's world and its teacher in --bench_dir once (reused on a second call, and taken from a main
 job's workdir when --bench_dir is one: its students are left alone), then distils the same
@@ -28,7 +28,8 @@ from absl import app, flags  # noqa: E402
 _WORKDIR = flags.DEFINE_string("bench_dir", "/tmp/fake_samples", "Work directory (world, teacher, runs).")
 _STEPS = flags.DEFINE_integer("steps", 40, "Distillation steps per mode.")
 _MODES = flags.DEFINE_list("modes", ["reuse", "fresh"], "fake_samples modes to run.")
-_CONFIG = flags.DEFINE_string("bench_config", "configs/world_distill.py:quick", "Config file[:variant] (its distill section).")
+_CONFIG = flags.DEFINE_string("bench_config", "configs/world_distill.py:quick",
+                              "Config file[:variant] whose distill section is timed.")
 
 
 def main(_):

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
     c.teacher.update(dict(steps=1000, ema_decay=0.995))
     c.teacher.optim.update(dict(learning_rate=2e-3, warmup_steps=100))
     # "reuse" keeps the main job inside its measured 15-minute budget on 2 cores: fresh fake-score samples (the
-    # DMD2 choice, the default elsewhere) cost about a third more per distillation step (BENCHMARKS.md).
+    # DMD2 choice, the default elsewhere) cost 35% more per distillation step here (measured, BENCHMARKS.md).
     c.distill.update(dict(steps=200, batch_size=16, fake_samples="reuse"))
     # Sharpness has headroom on the world (data 0.60, 4-step samples about 0.40); vividness saturates
     # at 0.94 and leaves the latent reward nothing to raise.
