@@ -63,17 +63,6 @@ def test_resume_mid_distillation_is_exact(world_run, tmp_path):
     assert int(resumed_state.step) == 6
 
 
-def test_cd_only_and_vsd_only_variants_compute_only_their_terms(world_run, tmp_path):
-    config, workdir = world_run
-    for name, weights in (("vsd", dict(cd_weight=0.0)), ("cd", dict(vsd_weight=0.0))):
-        c = distill_config(config, steps=1, **weights)
-        train(distill_job.make_job(c, workdir), c, str(tmp_path / name))
-        row = _rows(str(tmp_path / name))[0]
-        assert ("loss_cd" in row) == (name == "cd") and ("loss_vsd" in row) == (name == "vsd")
-        np.testing.assert_allclose(row["loss_generator"], row.get("loss_cd", row.get("loss_vsd")) *
-                                   (0.5 if name == "cd" else 1.0), rtol=1e-6)
-
-
 def test_student_grids_thin_the_trained_grid(world_run):
     config, _ = world_run
     grids = distill_job.student_grids(config.distill)

@@ -110,8 +110,10 @@ def test_lft_has_its_own_optimiser_state_counting_lft_steps(fresh_with_reward):
 
 @pytest.mark.slow
 def test_zero_vsd_weight_skips_the_sample_and_the_fake_score():
-    _, [(state, m)] = run_steps(tiny_config(vsd_weight=0.0, cd_steps=1, cd_grid=4, microbatches=2), 1)
+    config = tiny_config(vsd_weight=0.0, cd_steps=1, cd_grid=4, microbatches=2)
+    _, [(state, m)] = run_steps(config, 1)
     assert m["fake_score_updates"] == 0 and "loss_fake" not in m and "loss_vsd" not in m and "loss_cd" in m
+    np.testing.assert_allclose(m["loss_generator"], config.distill.cd_weight * m["loss_cd"], rtol=1e-6)  # CD only
     assert int(optimizer_count(state.opt_state["fake"])) == 0
 
 

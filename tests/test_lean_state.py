@@ -96,7 +96,8 @@ def _build(config):
     return build_step(config, dit_config(config), schedule_of(config), config.diffusion.prediction_type, latent, text)
 
 
-def _run_steps(config, steps=2):
+def _run_steps(config, steps=2, metrics=None):
+    """`steps` steps of the jitted step; returns the state (and appends each step's metrics to `metrics`)."""
     step = _build(config)
     latent, text = tuple(config.data.latent_shape), tuple(config.data.text_shape)
     from dollar_jax.config import dit_config
@@ -108,8 +109,10 @@ def _run_steps(config, steps=2):
     for i in range(steps):
         k1, k2 = jax.random.split(jax.random.key(100 + i))
         batch = {"latents": jax.random.normal(k1, (2, *latent)), "text": jax.random.normal(k2, (2, *text))}
-        state, metrics = fn(state, frozen, batch)
-        assert bool(metrics["finite"])
+        state, m = fn(state, frozen, batch)
+        assert bool(m["finite"])
+        if metrics is not None:
+            metrics.append(jax.device_get(m))
     return state
 
 
@@ -145,8 +148,12 @@ def test_bf16_fake_ema_and_moments_stay_close(reference):
 
 
 def test_ema_is_not_kept_when_nothing_reads_it(reference):
-    without_cd = _run_steps(_step_config(cd_weight=0.0))
+    metrics, config = [], _step_config(cd_weight=0.0)
+    without_cd = _run_steps(config, metrics=metrics)
     assert without_cd.ema == {}
+    for m in metrics:  # VSD only: no CD term, and the generator's loss is VSD's
+        assert "loss_cd" not in m and "loss_vsd" in m
+        np.testing.assert_allclose(m["loss_generator"], config.distill.vsd_weight * m["loss_vsd"], rtol=1e-6)
     assert _build(_step_config(cd_weight=0.0, export="ema")).roles["student"].ema_decay is not None
     with pytest.raises(ValueError, match="nan_guard"):
         _build(_step_config(nan_guard="sometimes"))
