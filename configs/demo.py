@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
     if "paper" in flags:
         c.demo.distill_seeds = (0, 1, 2)
     if quick:
-        c.world_encoder.steps = 60
+        c.world_encoder.steps = 25  # smoke: features for the metrics, not a trained encoder
         c.teacher.update(dict(steps=150, batch_size=16, ema_decay=0.99))
         c.teacher.optim.warmup_steps = 20
         c.distill.update(dict(steps=12, batch_size=8, fake_updates=2))
