@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_distill import distill_config
 
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.eval import world_eval
@@ -85,9 +86,8 @@ def test_zero_weight_non_differentiable_reward_leaves_distillation_unchanged_and
     # draw from streams of their own). L_FT at weight 1 is exercised by the test below and, with an exact
     # two-host resume, by tests/test_reward_multihost.py.
     config, workdir = world_run
-    plain = reward_config(config, steps=6)  # the program of tests/test_distill.py's runs: compiled once
-    plain.reward.enabled = False
-    with_lrm = reward_config(config, steps=6, weight=0.0, name="jpeg_compressibility")
+    plain = distill_config(config)  # test_distill.py's runs: one program, compiled once for the suite
+    with_lrm = reward_config(config, steps=plain.distill.steps, weight=0.0, name="jpeg_compressibility")
     run_plain, run_lrm = str(tmp_path / "plain"), str(tmp_path / "lrm")
     s_plain = train(distill_job.make_job(plain, workdir), plain, run_plain)
     s_lrm = train(distill_job.make_job(with_lrm, workdir), with_lrm, run_lrm)

@@ -47,7 +47,8 @@ def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(tiny_world
             "--config.reward.enabled=True", "--config.reward.name=colourfulness", "--config.reward.lrm_batch_size=8",
             "--config.reward.label_lag=2", "--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
             "--config.checkpoint.keep=5", "--config.sampling.every_steps=0", "--config.mesh.fsdp=-1",
-            "--config.tensorboard=False", "--config.compilation_cache="]  # see test_preemption.py: no cache across processes on a loaded CPU
+            "--config.tensorboard=False",
+            "--config.compilation_cache="]  # test_multiprocess.py says why multi-process runs have no cache
     run_processes(args, processes=2, devices_per_process=2)
     run_dir = os.path.join(run, "runs", "student")
     rows = _rows(run_dir)

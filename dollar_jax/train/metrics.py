@@ -24,25 +24,12 @@ from dollar_jax import storage
 METRICS_FILE = "metrics.jsonl"
 
 
-class JsonlWriter:
-    """Appends {"step": s, name: value, ...} lines; scalars only. clu's MetricWriter interface by duck typing
-    (subclassing it would import TensorFlow)."""
+class NullWriter:
+    """clu's MetricWriter interface, writing nothing (by duck typing: subclassing clu's would import TensorFlow).
+    As is: a host other than 0 when TensorBoard is off; the base of the JSONL writer."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.remote = storage.is_remote(path)
-        storage.makedirs(os.path.dirname(path) or ".")
-        # On a store the whole file is rewritten each time: keep what it holds (a resumed run's rows).
-        self._lines = _read_lines(path) if self.remote else None
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
-        if self.remote:
-            self._lines.append(json.dumps(row) + "\n")
-            storage.write_text(self.path, "".join(self._lines))
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def write_scalars(self, step, scalars):
+        pass
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -70,6 +57,26 @@ class JsonlWriter:
 
     def close(self):
         pass
+
+
+class JsonlWriter(NullWriter):
+    """Appends {"step": s, name: value, ...} lines; scalars only."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.remote = storage.is_remote(path)
+        storage.makedirs(os.path.dirname(path) or ".")
+        # On a store the whole file is rewritten each time: keep what it holds (a resumed run's rows).
+        self._lines = _read_lines(path) if self.remote else None
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+        if self.remote:
+            self._lines.append(json.dumps(row) + "\n")
+            storage.write_text(self.path, "".join(self._lines))
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 class UploadingWriter:
@@ -116,16 +123,6 @@ class UploadingWriter:
         self._upload()
         self.inner.close()
         self._local.cleanup()
-
-
-class NullWriter(JsonlWriter):
-    """Writes nothing: a host other than 0 when TensorBoard is off."""
-
-    def __init__(self):
-        pass
-
-    def write_scalars(self, step, scalars):
-        pass
 
 
 def make_writer(workdir: str, tensorboard: bool = True):
