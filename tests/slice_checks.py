@@ -135,7 +135,7 @@ def padded_context_loss(context: int, grid=(3, 4, 6)) -> dict:
 
 
 # The distillation-step checks lower the step (shardings fixed) without compiling it: XLA:CPU compiles of the
-# step on 16 virtual devices took most of 4 minutes on 2 cores, and test_any_slice compiles the same step on 8.
+# step on 16 virtual devices took most of 4 minutes on 2 cores; test_any_slice compiles and runs the local step on 8.
 CHECKS = {
     "padded_context_16": lambda: padded_context_loss(16),
     "local_sharding": lambda: distill_step("local", run=False, compile=False),

@@ -73,22 +73,25 @@ def test_replication_is_logged_once_with_its_cost(caplog):
 
 @pytest.mark.slow
 @needs_8
-@pytest.mark.parametrize("devices", [1, 8])
-def test_local_config_one_step(devices):
-    # configs/wan21_distill.py:local as shipped (batch -1, fsdp=-1, attention auto): one real step on 1 and 8
-    # devices (fewer clips than devices, through the context axis, is compiled on 16 devices below).
-    out = distill_step("local", run=True, devices=jax.devices()[:devices])
-    assert out["mesh"]["fsdp"] == devices and out["batch"] == devices
+def test_local_config_one_step_on_8_devices():
+    # configs/wan21_distill.py:local as shipped (batch -1, fsdp=-1, attention auto): one real step, compiled
+    # through XLA's partitioner (fewer clips than devices, through the context axis, is lowered on 16 below).
+    out = distill_step("local", run=True)
+    assert out["mesh"]["fsdp"] == 8 and out["batch"] == 8
     assert out["step"] == 1 and out["metrics"]["finite"] == 1.0, out
     assert not out["replicated"], out["replicated"]
 
 
-@pytest.mark.slow
 @needs_8
-def test_wan13b_compiles_abstractly_on_8_devices():
-    out = distill_step("1.3b", run=False)
-    assert out["mesh"]["fsdp"] == 8 and out["batch"] == 8 and not out["replicated"], out
-    assert out["argument_bytes"] < out["state_bytes"] / 4
+def test_shipped_configs_resolve_on_one_and_eight_devices():
+    """The shipped steps lowered (shardings fixed, nothing compiled): `local` on one device takes batch 1 and
+    everything whole; 1.3B on 8 devices is split, not replicated. The step that runs is compiled above."""
+    one = distill_step("local", run=False, compile=False, devices=jax.devices()[:1])
+    assert one["mesh"]["fsdp"] == 1 and one["batch"] == 1 and not one["replicated"], one
+    assert one["argument_bytes"] >= one["state_bytes"]  # one device holds all of it (and the batch)
+    big = distill_step("1.3b", run=False, compile=False)
+    assert big["mesh"]["fsdp"] == 8 and big["batch"] == 8 and not big["replicated"], big
+    assert big["argument_bytes"] < big["state_bytes"] / 4
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 keeps its labeller window; the checkpoint holds both windows (the host item's process axis), and a resume
 replays the same steps exactly.
 
-The world here is only a working prerequisite (a few autoencoder and teacher steps): what is tested is the
-multi-host bookkeeping, not quality (tests/test_reward_finetune.py covers that on the trained world)."""
+The session's trained world is only a working prerequisite (its data, autoencoder and teacher are read, never
+written): what is tested is the multi-host bookkeeping, not quality (tests/test_reward_finetune.py covers that)."""
 
 import os
 import shutil
@@ -14,7 +14,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from processes import run as run_processes
-from world_fixture import world_test_config
 
 from dollar_jax.train.flops import is_throughput_metric
 from dollar_jax.train.metrics import read_metrics
@@ -22,24 +21,13 @@ from dollar_jax.train.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    from dollar_jax.main import run_job
-
-    workdir = str(tmp_path_factory.mktemp("tiny_world"))
-    config = world_test_config(workdir, **{"world.num_train": 64, "world.num_val": 16, "autoencoder.steps": 10,
-                                           "teacher.steps": 4, "teacher.batch_size": 8})
-    run_job(config, workdir)
-    return config
-
-
 def _rows(run_dir):
     return [{k: v for k, v in r.items() if not is_throughput_metric(k)} for r in read_metrics(run_dir)
             if "loss_generator" in r]
 
 
-def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(tiny_world, tmp_path):
-    config, run = tiny_world, str(tmp_path / "run")
+def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(world_run, tmp_path):
+    (config, _), run = world_run, str(tmp_path / "run")
     args = [sys.executable, "-m", "dollar_jax.main", "--config=configs/world_distill.py:quick", f"--workdir={run}",
             "--config.embedded_world=False", f"--config.data.dir={config.data.dir}",
             f"--config.autoencoder.dir={config.autoencoder.dir}", f"--config.distill.teacher={config.teacher.dir}",

@@ -1,5 +1,8 @@
 """The DiT on 8 virtual CPU devices (data x fsdp x tensor = 2 x 2 x 2) equals the single-device forward."""
 
+import dataclasses
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +116,27 @@ def test_mesh_shape_resolution():
         resolve_mesh_shape({"dat": 2}, 8)
     with pytest.raises(ValueError, match="needs 6 devices"):
         resolve_mesh_shape({"data": 2, "tensor": 3}, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TorusChip:
+    """What jax's mesh builder reads of a TPU device: enough to lay out a torus without libtpu."""
+
+    id: int
+    coords: tuple[int, int, int]
+    platform: str = "tpu"
+    device_kind: str = "TPU v6 lite"
+    core_on_chip: int = 0
+    process_index: int = 0
+    slice_index: int = 0
+
+
+def test_mesh_axis_that_splits_a_torus_axis_is_built():
+    # fsdp=16 x context=4 on a v6e 8x8 torus: 16 is no product of whole torus axes (8, 8), which
+    # jax.make_mesh refuses on v6e. The mesh must still use every chip once, with context on neighbours.
+    chips = [_TorusChip(i, (x, y, 0)) for i, (y, x) in enumerate(itertools.product(range(8), range(8)))]
+    mesh = make_mesh({"fsdp": 16, "context": 4}, devices=chips)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "context": 4, "tensor": 1}
+    assert sorted(chip.id for chip in mesh.devices.flat) == list(range(64))
+    ring = [chip.coords for chip in mesh.devices[0, 0, :, 0]]
+    assert all(sum(abs(a - b) for a, b in zip(p, q)) == 1 for p, q in zip(ring, ring[1:])), ring

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 log = logging.getLogger(__name__)
@@ -65,4 +66,13 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
         log.warning("Mesh %s uses %d of %d devices", dict(shape), used, len(devices))
         devices = devices[:used]
     axis_shapes = tuple(sizes[axis] for axis in MESH_AXES)
-    return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # jax.make_mesh maps each mesh axis onto whole physical torus axes, and on most chips refuses a
+        # mesh axis that needs part of one: fsdp=16 x context=4 on a v6e 8x8 torus, say. Splitting a
+        # physical axis is what MaxText allows too; the split axis's ring then spans two torus axes.
+        log.info("Mesh %s does not map onto whole torus axes; splitting a physical axis", dict(shape or {}))
+        grid = mesh_utils.create_device_mesh(axis_shapes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
