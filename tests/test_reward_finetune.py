@@ -27,13 +27,11 @@ from dollar_jax.train.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def reward_config(config, steps=4, **reward):
-    c = config.copy_and_resolve_references()
-    c.job = "distill"
-    c.distill.update(dict(steps=steps, batch_size=8, fake_updates=2))
+def reward_config(config, steps=4, repeat_captions=4, **reward):
+    """test_distill.py's run with the latent reward on."""
+    c = distill_config(config, steps=steps, repeat_captions=repeat_captions)
     c.reward.update(dict(enabled=True, name="colourfulness", lrm_batch_size=8, label_lag=2))
     c.reward.update(reward)
-    c.log_every_steps, c.checkpoint.every_steps, c.sampling.every_steps = 1, 2, 0
     return c
 
 
@@ -108,7 +106,7 @@ def test_finetuning_through_the_lrm_raises_the_true_reward(world_run, tmp_path):
     config, workdir = world_run
     results = {}
     for name, weight in (("plain", 0.0), ("reward", 1.0)):
-        c = reward_config(config, steps=120, weight=weight, name="vividness", lrm_batch_size=16)
+        c = reward_config(config, steps=120, repeat_captions=1, weight=weight, name="vividness", lrm_batch_size=16)
         c.distill.name = f"student_{name}"
         c.checkpoint.every_steps, c.log_every_steps = 120, 20
         folder = distill_job.run(c, workdir)
