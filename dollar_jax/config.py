@@ -224,8 +224,10 @@ def base_config() -> ml_collections.ConfigDict:
     # distill_seeds: one student training per seed for every ablation row (config.seed and the data order move
     # with it); the claims average over them and their spread enters the standard error (eval/report.py). The
     # seed equal to config.seed keeps the plain run names, so a one-seed run's work directory stays as it was.
+    # variant: the configs/demo.py variant that produced the run, named in REPORT.md.
     c.demo = ml_collections.ConfigDict(dict(prompts=16, samples_per_prompt=8, seed=0,
-                                            speed_repeats=21, speed_batches=(1, 16), distill_seeds=(0,)))
+                                            speed_repeats=21, speed_batches=(1, 16), distill_seeds=(0,),
+                                            variant="default"))
 
     # How REPORT.md judges the paper's claims (eval/report.py: verdict). Fixed here, before any run: a student
     # "matches the teacher" when its adherence is at most this much below the teacher's at two standard errors.

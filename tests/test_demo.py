@@ -35,6 +35,7 @@ def test_report_structure_and_sane_numbers(demo_run):
     for heading in ("## Protocol", "## Ablation", "## Seen and held-out", "## Claims of the paper", "## Speed",
                     "## Training curves", "## Samples", "## Stage times"):
         assert heading in text
+    assert "Variant: `configs/demo.py:quick`. Teacher: VP (scaled_linear betas), conjugate_v prediction." in text
     # The margin is stated before any number; every claim ends in one of the three verdicts.
     assert text.index("Non-inferiority margin") < text.index("## Ablation")
     claims = [line for line in text.splitlines() if line.startswith("- **") and ": " in line]

@@ -189,13 +189,19 @@ def held_out_section(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _variant_config(variant: str) -> str:
+    return "configs/demo.py" + ("" if variant == "default" else f":{variant}")
+
+
 def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dict) -> str:
     out_dir = storage.join(workdir, "report")
     storage.makedirs(out_dir)
     lines = ["# DOLLAR on the embedded world: report", "",
              "Everything below was measured in this run (`results.json` beside this file holds the raw numbers). "
              f"Prompts: {results['prompts']} x {results['samples_per_prompt']} samples with fixed noise, the same for "
-             "every model. Reward: " + f"`{results['reward_name']}`.", ""]
+             "every model. Reward: " + f"`{results['reward_name']}`.",
+             "", f"Variant: `{_variant_config(results.get('variant', 'default'))}`. Teacher: "
+             f"{results.get('teacher_parameterisation', 'VP, conjugate_v prediction')}.", ""]
     margin = results.get("non_inferiority_margin", 0.0)
     lines += protocol_section(results, margin)
 

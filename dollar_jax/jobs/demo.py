@@ -113,8 +113,17 @@ def evaluate(config, workdir: str, folders: dict[str, str]) -> dict:
             "distill_seeds": list(dict.fromkeys(seed for _, seed, _ in runs)),
             # Recorded with the numbers: the report judges them at the margin fixed before they were measured.
             "non_inferiority_margin": config.report.non_inferiority_margin,
-            "reward_name": config.reward.name, "speed_repeats": d.speed_repeats,
+            "reward_name": config.reward.name, "speed_repeats": d.speed_repeats, "variant": d.variant,
+            "teacher_parameterisation": teacher_parameterisation(config),
             "device": f"{jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"}
+
+
+def teacher_parameterisation(config) -> str:
+    """The teacher's kind in words, for the report: what a VP and a flow (Wan) teacher differ in."""
+    d = config.diffusion
+    if d.schedule == "flow":
+        return f"rectified flow, {d.prediction_type} prediction, timesteps shifted by {d.flow_shift:g} (Wan2.1's)"
+    return f"VP ({d.beta_schedule} betas), {d.prediction_type} prediction"
 
 
 def run(config, workdir: str) -> str:
