@@ -58,7 +58,7 @@ def main(_):
 
         def init():
             params = {"student": random_dit(dit.param_dtype)}
-            params["fake"] = jax.tree.map(jnp.copy, params["student"])
+            params["fake"] = step.fake_init(params["student"])
             if step.reward is not None:
                 params["lrm"] = step.reward.make_params()
             return init_state(step.roles, params, 0)

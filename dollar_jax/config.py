@@ -9,6 +9,8 @@ Types are enforced too (a float field refuses a string).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
@@ -159,6 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
         repeat_captions=1,
         # Memory switches (BENCHMARKS.md, planner section, measures each with XLA:TPU):
         fake_dtype="",  # storage dtype of the fake score's trained parameters ("bfloat16"; "" = model.param_dtype)
+        # > 0: the fake score is the frozen teacher plus LoRA adapters of this rank on every block's linear layers
+        # (models/lora.py; MagicDistillation, FastVideo) instead of a full trained copy; alpha 0 means alpha = rank
+        fake_lora_rank=0, fake_lora_alpha=0.0,
         ema_dtype="",  # storage dtype of the student's EMA (CD target); it is not kept at all with cd_weight=0
         # and export="raw", since nothing reads it then
         nan_guard="state",  # "state": a non-finite step keeps the whole old state (an old and a new copy are
@@ -225,9 +230,12 @@ def base_config() -> ml_collections.ConfigDict:
     # with it); the claims average over them and their spread enters the standard error (eval/report.py). The
     # seed equal to config.seed keeps the plain run names, so a one-seed run's work directory stays as it was.
     # variant: the configs/demo.py variant that produced the run, named in REPORT.md.
+    # reward_baselines: "reward:method,method;reward:method..."; each entry fine-tunes the VSD+CD student on that
+    # reward by each method (lrm, pixel, pg: dollar_jax/eval/reward_baselines.py) for reward_baseline_steps
+    # steps, and REPORT.md gets the LRM-vs-alternatives table. Empty: not run.
     c.demo = ml_collections.ConfigDict(dict(prompts=16, samples_per_prompt=8, seed=0,
                                             speed_repeats=21, speed_batches=(1, 16), distill_seeds=(0,),
-                                            variant="default"))
+                                            variant="default", reward_baselines="", reward_baseline_steps=100))
 
     # How REPORT.md judges the paper's claims (eval/report.py: verdict). Fixed here, before any run: a student
     # "matches the teacher" when its adherence is at most this much below the teacher's at two standard errors.
@@ -272,6 +280,23 @@ def embedded_world(c: ml_collections.ConfigDict, quick: bool = False) -> ml_coll
     return c
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_from_file(path_and_variant: str) -> ml_collections.ConfigDict:
+    """"configs/demo.py:quick" -> that file's get_config("quick"), as --config= gives it to dollar_jax.main: for
+    scripts and tests. A relative path is taken from the working directory, else from the repository root."""
+    path, _, variant = path_and_variant.partition(":")
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(REPO_ROOT, path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path_and_variant!r} not found")
+    spec = importlib.util.spec_from_file_location(f"config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant or None)
+
+
 def variant_flags(arg: str | None, allowed, default: str = "") -> list[str]:
     """The comma-separated variants of `--config=configs/x.py:a,b`; an unknown one is an error naming the choices."""
     flags = [a for a in (arg or default).split(",") if a]
@@ -292,6 +317,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     dit_config(config)  # raises on bad model fields
     if config.distill.nan_guard not in ("state", "update"):
         raise ValueError(f"config.distill.nan_guard must be 'state' or 'update', got {config.distill.nan_guard!r}")
+    if config.distill.fake_lora_rank < 0:
+        raise ValueError(f"config.distill.fake_lora_rank must be >= 0 (0: a full fake score), "
+                         f"got {config.distill.fake_lora_rank}")
     for key in ("fake_dtype", "ema_dtype"):
         if config.distill[key] not in ("", "float32", "bfloat16"):
             raise ValueError(f"config.distill.{key} must be '', 'float32' or 'bfloat16', got {config.distill[key]!r}")

@@ -1,7 +1,7 @@
 """The lean-state switches change memory, not maths: each run with a switch matches the run without it,
 bit-exact where the switch only drops storage, within bfloat16 precision where it rounds storage."""
 
-import importlib.util
+import dataclasses
 import os
 
 import jax
@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dollar_jax.config import optimizer, schedule_of
+from dollar_jax.config import config_from_file, optimizer, schedule_of
 from dollar_jax.models import WanDiT
 from dollar_jax.train.optim import LeanAdamState, make_optimizer
 from dollar_jax.train.state import Role, init_state, optimizer_step
@@ -77,10 +77,7 @@ def test_per_update_nan_guard_skips_only_a_non_finite_update():
 
 
 def _step_config(**distill):
-    spec = importlib.util.spec_from_file_location("wan21_distill", os.path.join(ROOT, "configs", "wan21_distill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("local")
+    c = config_from_file("configs/wan21_distill.py:local")
     c.model.update(dict(num_attention_heads=2, attention_head_dim=8, ffn_dim=32, num_layers=1, text_dim=16,
                         freq_dim=16, in_channels=4, out_channels=4, remat_policy="none", attention="xla"))
     c.data.update(dict(latent_shape=(2, 4, 4, 4), text_shape=(4, 16)))
@@ -103,7 +100,9 @@ def _run_steps(config, steps=2, metrics=None):
     from dollar_jax.config import dit_config
 
     params = nnx.to_pure_dict(nnx.state(WanDiT(dit_config(config), rngs=nnx.Rngs(3)), nnx.Param))
-    state = init_state(step.roles, {"student": params, "fake": params}, seed=0)
+    # A fresh DiT's output projection is zero, so nothing upstream of it would get a gradient: perturb it all.
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+    state = init_state(step.roles, {"student": params, "fake": step.fake_init(params)}, seed=0)
     frozen = {"teacher": params, "null_text": jnp.zeros(text)}
     fn = jax.jit(step.train_step)
     for i in range(steps):
@@ -147,13 +146,53 @@ def test_bf16_fake_ema_and_moments_stay_close(reference):
     jax.tree.map(close, lean.ema["student"], reference.ema["student"])
 
 
-def test_ema_is_not_kept_when_nothing_reads_it(reference):
-    metrics, config = [], _step_config(cd_weight=0.0)
+def test_vsd_only_keeps_no_ema_and_a_lora_fake_score_trains_only_its_adapters(reference):
+    # Two independent switches in one compiled step (each compile is most of a test's time on 2 cores).
+    metrics, config = [], _step_config(cd_weight=0.0, fake_lora_rank=2)
     without_cd = _run_steps(config, metrics=metrics)
     assert without_cd.ema == {}
     for m in metrics:  # VSD only: no CD term, and the generator's loss is VSD's
         assert "loss_cd" not in m and "loss_vsd" in m
         np.testing.assert_allclose(m["loss_generator"], config.distill.vsd_weight * m["loss_vsd"], rtol=1e-6)
+    # The fake score is the teacher plus rank-2 adapters: the state holds the adapters only, they started at
+    # up = 0 (the fake score was the teacher) and the fake-score updates moved them.
+    fake = without_cd.params["fake"]
+    names = {str(path[-1].key) for path, _ in jax.tree_util.tree_flatten_with_path(fake)[0]}
+    assert names == {"lora_down", "lora_up"}
+    ups = _named(fake, "lora_up")
+    assert len(ups) == 10 and all(np.abs(np.asarray(up)).max() > 0 for up in ups)  # 4 + 4 + 2 linears
+    size = lambda tree: sum(a.size for a in jax.tree.leaves(tree))  # noqa: E731
+    assert size(fake) < size(reference.params["fake"]) / 2
+    assert np.isfinite([m["loss_fake"] for m in metrics]).all()
     assert _build(_step_config(cd_weight=0.0, export="ema")).roles["student"].ema_decay is not None
     with pytest.raises(ValueError, match="nan_guard"):
         _build(_step_config(nan_guard="sometimes"))
+
+
+def _named(tree, leaf: str) -> list:
+    """Every leaf called `leaf` ("lora_up", "lora_down") of a LoRA parameter tree."""
+    return [a for path, a in jax.tree_util.tree_flatten_with_path(tree)[0] if str(path[-1].key) == leaf]
+
+
+def test_lora_model_starts_as_its_base_and_its_gradient_reaches_only_the_adapters():
+    from dollar_jax.models import preset
+    from dollar_jax.models.lora import lora_axes, lora_init
+    from dollar_jax.train.state import split_model
+
+    role, base = split_model("fake", WanDiT(preset("tiny"), rngs=nnx.Rngs(0)))
+    base = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), base)  # proj_out is 0
+    lora = lora_init(base, 3, jax.random.key(1))
+    assert jax.tree.structure(lora_axes(role.axes), is_leaf=lambda a: isinstance(a, tuple)) == jax.tree.structure(lora)
+    assert lora_axes(role.axes)["blocks"]["ffn"]["fc_in"] == {"lora_down": ("layers", "embed", None),
+                                                            "lora_up": ("layers", None, "mlp")}
+    lora_role = dataclasses.replace(role, lora_scale=0.5)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 2, 4, 4, 4)), jnp.float32)
+    t, text = jnp.asarray([100.0, 700.0]), jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(lora_role.module(lora, base)(x, t, text)),
+                                  np.asarray(role.module(base)(x, t, text)))
+    grads = jax.grad(lambda a: jnp.sum(lora_role.module(a, base)(x, t, text) ** 2))(lora)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in _named(grads, "lora_down"))  # up = 0: none reaches down
+    assert all(float(jnp.abs(g).max()) > 0.0 for g in _named(grads, "lora_up"))
+    with pytest.raises(ValueError, match="LoRA over a frozen model"):
+        lora_role.module(lora)

@@ -69,7 +69,7 @@ def make_job(config, workdir: str) -> Job:
     def initial_params():
         teacher = load_dit(folder, **{k: getattr(dit, k) for k in NUMERICS})
         params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
-        out = {"student": params, "fake": jax.tree.map(jnp.copy, params)}
+        out = {"student": params, "fake": step.fake_init(params)}
         if reward is not None:
             out["lrm"] = reward.make_params()
         return out

@@ -31,6 +31,7 @@ from dollar_jax.losses.vsd import vsd_loss
 from dollar_jax.models.dit import WanDiT
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.models.layers import abstract
+from dollar_jax.models.lora import lora_axes, lora_init, lora_scale
 from dollar_jax.train.flops import distill_step_flops
 from dollar_jax.train.health import health_metrics
 from dollar_jax.train.loop import scalar_metrics
@@ -54,6 +55,7 @@ class DistillStep:
     reward: object | None
     learning_rate: Callable  # the student's VSD + CD schedule (each role logs the rate it used as lr_<role>)
     grids: StudentGrids  # the student's training grids, warped by the schedule
+    fake_init: Callable  # teacher params (pure dict) -> the fake score's initial params: a copy, or LoRA adapters
 
 
 def optimizer_count(opt_state) -> jax.Array:
@@ -89,6 +91,19 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
                                                 dc.student_ema_decay if keep_ema else None,
                                                 ema_dtype=dc.ema_dtype or None, guard_updates=guard)
     fake_role, _ = split_model("fake", model, fake_opt, param_dtype=dc.fake_dtype or None, guard_updates=guard)
+    fake_abstract = abstract_params
+    if dc.fake_lora_rank:
+        # The fake score as the frozen teacher plus trained low-rank adapters (models/lora.py): its state is the
+        # adapters and their optimiser state instead of a whole DiT's.
+        fake_abstract = jax.eval_shape(lambda p: lora_init(p, dc.fake_lora_rank, jax.random.key(0)), abstract_params)
+        fake_role = dataclasses.replace(fake_role, axes=lora_axes(fake_role.axes),
+                                        lora_scale=lora_scale(dc.fake_lora_rank, dc.fake_lora_alpha))
+
+    def fake_init(teacher_params):
+        """The fake score starts as the teacher: a copy, or adapters that add nothing yet."""
+        if dc.fake_lora_rank:
+            return lora_init(teacher_params, dc.fake_lora_rank, jax.random.key(config.seed + 2))
+        return jax.tree.map(jnp.copy, teacher_params)
     reward = make_reward_part(config, latent_shape, text_shape) if config.reward.enabled else None
     ft_role = ft_lr = None
     if reward is not None and reward.weight:
@@ -126,7 +141,7 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
         def generator_loss(params, text, data, noise, k_sample, k_vsd, k_cd):
             real = make_denoiser(teacher, schedule, prediction_type, text, null, dc.real_guidance,
                                  dc.real_convention)
-            fake = make_denoiser(fake_role.module(fake_params), schedule, prediction_type, text)
+            fake = make_denoiser(fake_role.module(fake_params, frozen["teacher"]), schedule, prediction_type, text)
             student = consistency_fn(params, text)
             terms, aux = {}, {}
             if use_vsd:  # with beta_VSD = 0 neither the sample nor the fake score is computed
@@ -173,7 +188,8 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
                     t_u, x_u = text, aux["x"]
 
                 def loss_fn(p, x, t, k):
-                    return denoising_loss(fake_role.module(p), x, t, k, schedule, prediction_type)[0]
+                    return denoising_loss(fake_role.module(p, frozen["teacher"]), x, t, k, schedule,
+                                          prediction_type)[0]
 
                 lr_used = fake_lr(optimizer_count(opt_state))
                 loss, g = accumulated_value_and_grad(loss_fn, p_fake, (x_u, t_u), (key,), dc.fake_microbatches)
@@ -214,12 +230,12 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
         return guard_state(roles, finite, new, state), scalar_metrics(finite=finite, **metrics)
 
     roles = {"student": student_role, "fake": fake_role}
-    shapes = {"student": abstract_params, "fake": abstract_params}
+    shapes = {"student": abstract_params, "fake": fake_abstract}
     if reward is not None:
         roles["lrm"], shapes["lrm"] = reward.role, reward.abstract_params
     if ft_role is not None:
         roles["student_ft"] = ft_role
-    return DistillStep(train_step, roles, shapes, teacher_role, teacher_abstract, reward, lr, grids)
+    return DistillStep(train_step, roles, shapes, teacher_role, teacher_abstract, reward, lr, grids, fake_init)
 
 
 def step_flops(config, dit: DiTConfig, latent_shape, text_shape, reward) -> dict:

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dollar_jax.models.layers import logical_axes
+from dollar_jax.models.lora import lora_merge
 from dollar_jax.parallel.sharding import replicated, shard_count, tree_shardings
 
 
@@ -44,13 +45,21 @@ class Role:
     param_dtype: str | None = None
     ema_dtype: str | None = None
     guard_updates: bool = False
+    # A LoRA role (models/lora.py) trains low-rank adapters over another model's frozen parameters: its params
+    # are the adapters, its module needs that base, and this is the adapters' scale (alpha / rank).
+    lora_scale: float | None = None
 
     @property
     def trainable(self) -> bool:
         return self.optimizer is not None
 
-    def module(self, params):
-        """The NNX module with the given parameters (use inside jitted functions)."""
+    def module(self, params, base=None):
+        """The NNX module with the given parameters (use inside jitted functions). A LoRA role's `params` are
+        its adapters, applied to `base` (the frozen model's parameters)."""
+        if self.lora_scale is not None:
+            if base is None:
+                raise ValueError(f"role {self.name!r} is a LoRA over a frozen model: pass its base parameters")
+            params = lora_merge(base, params, self.lora_scale)
         if self.static is None:
             return nnx.merge(self.graphdef, params)
         return nnx.merge(self.graphdef, params, self.static)
