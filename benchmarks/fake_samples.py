@@ -33,24 +33,19 @@ _CONFIG = flags.DEFINE_string("bench_config", "configs/world_distill.py:quick",
 
 
 def main(_):
-    import importlib.util
-
+    from dollar_jax.config import config_from_file
     from dollar_jax.jobs import distill as distill_job
     from dollar_jax.main import run_job
     from dollar_jax.paths import Paths
     from dollar_jax.train.loop import train
     from dollar_jax.train.metrics import read_metrics
 
-    path, _, variant = _CONFIG.value.partition(":")
-    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(os.path.dirname(__file__), "..", path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     workdir = _WORKDIR.value
-    base = module.get_config(variant or None)
+    base = config_from_file(_CONFIG.value)
     base.job = "teacher"
     run_job(base, workdir)  # videos, autoencoder, latents, teacher (skipped when present)
     for mode in _MODES.value:
-        c = module.get_config(variant or None)
+        c = config_from_file(_CONFIG.value)
         c.job = "distill"
         c.distill.update(dict(steps=_STEPS.value, fake_samples=mode, name=f"bench_{mode}"))
         c.sampling.every_steps, c.checkpoint.every_steps, c.log_every_steps = 0, _STEPS.value, 1

@@ -5,7 +5,8 @@
     python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds
     python -m dollar_jax.main --config=configs/demo.py:flow --workdir=/tmp/dollar_demo_flow  # Wan's teacher kind
     variants (comma-separated after ':'): quick, paper (every student trained with 3 seeds: the claims' SE
-    then holds the seed-to-seed variation; a workdir of the default run is reused, its seed is seed 0),
+    then holds the seed-to-seed variation; a workdir of the default run is reused, its seed is seed 0; and the
+    LRM against the pixel path and a policy gradient, config.demo.reward_baselines),
     flow (the teacher in Wan2.1's parameterisation: rectified flow, velocity prediction, timesteps shifted by 3;
     everything else as the default, so its REPORT.md is the same ablation and claims on the stand-in for a
     real Wan teacher; use its own workdir, or pass the default run's data, autoencoder and evaluation encoder
@@ -48,6 +49,9 @@ def get_config(arg: str | None = None):
     c.report.non_inferiority_margin = 0.05
     if "paper" in flags:
         c.demo.distill_seeds = (0, 1, 2)
+        # The LRM against its alternatives at equal steps: a differentiable reward with the pixel path and a
+        # policy gradient beside it, and a non-differentiable one where only the policy gradient competes.
+        c.demo.reward_baselines = "sharpness:lrm,pixel,pg;jpeg_compressibility:lrm,pg"
     if "flow" in flags:
         # Wan2.1's parameterisation (what the converter records for a real Wan teacher). The student grid, the
         # VSD and fake-score timesteps and the samplers all go through the shift. Guidance stays as above, so
@@ -59,7 +63,8 @@ def get_config(arg: str | None = None):
         c.teacher.optim.warmup_steps = 20
         c.distill.update(dict(steps=12, batch_size=8, fake_updates=2))
         c.reward.lrm_batch_size = 8
-        c.demo.update(dict(prompts=8, samples_per_prompt=4, speed_repeats=3, speed_batches=(1,)))
+        c.demo.update(dict(prompts=8, samples_per_prompt=4, speed_repeats=3, speed_batches=(1,),
+                           reward_baseline_steps=4))
         c.checkpoint.every_steps = 50
         c.log_every_steps = 5
         c.world.held_out_combinations = 4

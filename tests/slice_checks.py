@@ -10,7 +10,6 @@ prints one JSON object per check.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dollar_jax.config import dit_config  # noqa: E402
+from dollar_jax.config import config_from_file, dit_config  # noqa: E402
 from dollar_jax.models import WanDiT, preset  # noqa: E402
 from dollar_jax.models.layers import logical_axes  # noqa: E402
 from dollar_jax.parallel import axis_rules, make_mesh, tree_shardings  # noqa: E402
@@ -33,10 +32,7 @@ from dollar_jax.train.state import init_state  # noqa: E402
 
 
 def wan_config(variant: str):
-    spec = importlib.util.spec_from_file_location("wan21_distill", os.path.join(ROOT, "configs", "wan21_distill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_from_file(f"configs/wan21_distill.py:{variant}")
 
 
 class Replications(logging.Handler):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from dollar_jax.config import config_from_file
 from dollar_jax.jobs import demo
 
 pytestmark = pytest.mark.slow
@@ -13,14 +14,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_run(world_run):
-    import importlib.util
 
     config, workdir = world_run
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..",
-                                                                               "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("quick")
+    c = config_from_file("configs/demo.py:quick")
     # Reuse the session's world (videos, autoencoder, latents, teacher); the demo builds the rest.
     c.data.dir, c.autoencoder.dir, c.teacher.dir = config.data.dir, config.autoencoder.dir, config.teacher.dir
     c.world.update(dict(num_train=config.world.num_train, num_val=config.world.num_val,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from dollar_jax.config import config_from_file
 from dollar_jax.models import WanDiT, preset
 from dollar_jax.train.flops import (CHIPS, PEAK_BF16_FLOPS, chip_spec, dit_forward_flops, distill_step_flops,
                                    recompute_flops, utilisation)
@@ -17,10 +18,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def _config(variant: str):
-    spec = importlib.util.spec_from_file_location("wan21_distill", os.path.join(ROOT, "configs", "wan21_distill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_from_file(f"configs/wan21_distill.py:{variant}")
 
 
 @pytest.mark.parametrize("latent,text_len", [((4, 16, 16, 16), 16), ((2, 8, 24, 16), 40)])

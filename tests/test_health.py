@@ -159,18 +159,12 @@ def test_report_tabulates_the_share_of_steps_alarmed(tmp_path):
 def test_the_distillation_step_reports_health_and_vsd_statistics():
     """Traced abstractly (nothing compiled or allocated): the step of the local Wan config with the paper's
     text LRM and repeated captions outputs every health metric and alarm."""
-    import importlib.util
-    import os
 
-    from dollar_jax.config import dit_config
+    from dollar_jax.config import config_from_file, dit_config
     from dollar_jax.parallel import make_mesh
     from dollar_jax.train.planner import abstract_distill_step
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "wan21_distill.py")
-    spec = importlib.util.spec_from_file_location("wan21_distill", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("local,reward")
+    config = config_from_file("configs/wan21_distill.py:local,reward")
     config.distill.update(dict(batch_size=4, repeat_captions=4, fake_updates=1))
     mesh = make_mesh(dict(data=1, fsdp=1, context=1, tensor=1))
     with jax.set_mesh(mesh):

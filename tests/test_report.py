@@ -1,12 +1,11 @@
 """The report's statistics on constructed inputs: three verdicts for both kinds of claim, the standard error
 over prompts and training seeds, and the protocol stated before the numbers. No model is trained here."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
+from dollar_jax.config import config_from_file
 from dollar_jax.eval.report import (CLAIM_STEPS, claims, held_out_section, paired_over_seeds, protocol_section,
                                     verdict)
 
@@ -96,11 +95,7 @@ def test_protocol_states_margin_seeds_and_held_out_prompts_first():
 
 
 def _demo_config(arg):
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..",
-                                                                               "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_from_file("configs/demo.py" + (f":{arg}" if arg else ""))
 
 
 def test_demo_config_seeds_margin_and_held_out():
@@ -119,6 +114,9 @@ def test_demo_config_seeds_margin_and_held_out():
     assert len(runs) == 9 and runs[3][2] == "VSD seed 1"
     c = student_config(paper, "VSD+CD", 2)
     assert (c.distill.name, c.seed, c.data.shuffle_seed) == ("student_vsd_cd_seed2", 2, 2)
+    from dollar_jax.eval.reward_baselines import parse_specs
+
+    assert default.demo.reward_baselines == "" and len(parse_specs(paper.demo.reward_baselines)) == 2
     paper.demo.distill_seeds = (0, 0)
     with pytest.raises(ValueError, match="distill_seeds"):
         validate(paper)

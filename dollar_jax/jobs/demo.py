@@ -2,7 +2,8 @@
 
 Stages (each skipped when its output is already in the work directory, each resumable):
   videos -> autoencoder -> latents -> evaluation encoder -> teacher -> students (VSD, VSD+CD, VSD+CD+LRM)
-  x config.demo.distill_seeds -> evaluation (quality + speed, results.json) -> report (REPORT.md, plots, grids)
+  x config.demo.distill_seeds -> evaluation (quality + speed, results.json) -> [reward baselines: the LRM against
+  the pixel path and a policy gradient, config.demo.reward_baselines] -> report (REPORT.md, plots, grids)
 
 The seed equal to config.seed trains the runs `student_vsd`, ... as a one-seed demo always did; every other seed
 trains `<name>_seed<seed>` (stage "<model> seed <seed>") and is evaluated at the claims' step count only.
@@ -19,6 +20,7 @@ import jax
 
 from dollar_jax import storage
 from dollar_jax.checkpoint import model_folder_exists
+from dollar_jax.eval import reward_baselines
 from dollar_jax.eval.report import write_report
 from dollar_jax.jobs import autoencoder, distill, precompute, teacher, world_data, world_encoder
 from dollar_jax.paths import Paths
@@ -131,6 +133,9 @@ def run(config, workdir: str) -> str:
     students = student_runs(config)
     names = ["videos", "autoencoder", "latents", "evaluation encoder", "teacher", *(r[2] for r in students),
              "evaluation", "report"]
+    baselines = reward_baselines.parse_specs(config.demo.reward_baselines)  # a bad entry fails before any work
+    if baselines:
+        names.insert(names.index("report"), "reward baselines")
     stages = Stages(paths.workdir, names)
     exists = model_folder_exists
     from dollar_jax.data import arrays_dataset
@@ -158,6 +163,13 @@ def run(config, workdir: str) -> str:
               f"config.report.non_inferiority_margin is now {config.report.non_inferiority_margin}. The report "
               f"keeps the recorded margin (a margin is fixed before the run; delete results.json to re-evaluate)",
               flush=True)
+    if baselines:
+        # The VSD+CD student (the primary seed's) fine-tuned on each reward by the LRM and its alternatives.
+        path = os.path.join(paths.workdir, "report", reward_baselines.RESULTS)
+        done = storage.exists(path)
+        results["reward_baselines"] = stages.run(
+            "reward baselines", lambda: storage.read_json(path) if done else reward_baselines.run_for_demo(
+                config, workdir, student_config(config, "VSD+CD").distill.name, path), done)
     report = stages.run("report", lambda: write_report(paths.workdir, results, runs, stages.timings), False)
     print(f"[demo] report: {report}", flush=True)
     return report
