@@ -76,6 +76,11 @@ def test_per_update_nan_guard_skips_only_a_non_finite_update():
     assert not np.isfinite(norm)
 
 
+def _perturbed(params):
+    """A fresh DiT's output projection is zero, so nothing upstream of it would get a gradient: perturb it all."""
+    return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+
+
 def _step_config(**distill):
     c = config_from_file("configs/wan21_distill.py:local")
     c.model.update(dict(num_attention_heads=2, attention_head_dim=8, ffn_dim=32, num_layers=1, text_dim=16,
@@ -99,9 +104,7 @@ def _run_steps(config, steps=2, metrics=None):
     latent, text = tuple(config.data.latent_shape), tuple(config.data.text_shape)
     from dollar_jax.config import dit_config
 
-    params = nnx.to_pure_dict(nnx.state(WanDiT(dit_config(config), rngs=nnx.Rngs(3)), nnx.Param))
-    # A fresh DiT's output projection is zero, so nothing upstream of it would get a gradient: perturb it all.
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+    params = _perturbed(nnx.to_pure_dict(nnx.state(WanDiT(dit_config(config), rngs=nnx.Rngs(3)), nnx.Param)))
     state = init_state(step.roles, {"student": params, "fake": step.fake_init(params)}, seed=0)
     frozen = {"teacher": params, "null_text": jnp.zeros(text)}
     fn = jax.jit(step.train_step)
@@ -180,7 +183,7 @@ def test_lora_model_starts_as_its_base_and_its_gradient_reaches_only_the_adapter
     from dollar_jax.train.state import split_model
 
     role, base = split_model("fake", WanDiT(preset("tiny"), rngs=nnx.Rngs(0)))
-    base = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), base)  # proj_out is 0
+    base = _perturbed(base)
     lora = lora_init(base, 3, jax.random.key(1))
     assert jax.tree.structure(lora_axes(role.axes), is_leaf=lambda a: isinstance(a, tuple)) == jax.tree.structure(lora)
     assert lora_axes(role.axes)["blocks"]["ffn"]["fc_in"] == {"lora_down": ("layers", "embed", None),

@@ -124,14 +124,14 @@ def test_demo_config_seeds_margin_and_held_out():
 
 def test_flow_variant_is_the_default_with_wans_teacher_and_says_so():
     from dollar_jax.config import validate
-    from dollar_jax.jobs.demo import teacher_parameterisation
+    from dollar_jax.jobs.demo import teacher_kind
 
     default, flow = _demo_config(None), _demo_config("quick,flow")
     validate(flow)
     assert (flow.diffusion.schedule, flow.diffusion.prediction_type, flow.diffusion.flow_shift) == ("flow", "flow", 3.0)
     assert (default.demo.variant, flow.demo.variant) == ("default", "quick,flow")
-    assert teacher_parameterisation(flow) == "rectified flow, flow prediction, timesteps shifted by 3 (Wan2.1's)"
-    assert teacher_parameterisation(default).startswith("VP (scaled_linear betas)")
+    assert teacher_kind(flow) == "rectified flow, flow prediction, timesteps shifted by 3 (Wan2.1's)"
+    assert teacher_kind(default).startswith("VP (scaled_linear betas)")
     # Everything the two teachers share stays the same: the reports then differ in the parameterisation alone.
     for section in ("sampling", "distill", "reward", "world"):
         assert default[section].to_dict() == _demo_config("flow")[section].to_dict(), section

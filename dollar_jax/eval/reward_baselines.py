@@ -32,7 +32,7 @@ from flax import nnx
 
 from dollar_jax import storage
 from dollar_jax.checkpoint import load_autoencoder, load_dit, read_model_folder_config, teacher_parameterisation
-from dollar_jax.data import world
+from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.text import text_encoder
 from dollar_jax.diffusion.consistency import consistency_denoiser
 from dollar_jax.diffusion.samplers import make_denoiser
@@ -124,8 +124,7 @@ class Setup:
         self.eval_factors = {f: np.asarray([combos[g][f] for g in groups]) for f in world.FACTORS}
         self.eval_captions = [world.caption(combos[g], self.wcfg) for g in groups]
         self.eval_text = jnp.asarray(encoder.encode(self.eval_captions))
-        self.latent_shape = tuple(self.ae.encode(jnp.zeros((1, self.wcfg.num_frames, self.wcfg.height,
-                                                            self.wcfg.width, 3))).shape[1:])
+        self.latent_shape = tuple(arrays_dataset.feature_shapes(paths.data, config.data.latents)["latents"][1])
         self.eval_noise = jax.random.normal(jax.random.key(1234), (len(groups), *self.latent_shape))
         self._generate = make_generate(lambda p: nnx.merge(self.graphdef, p), self.schedule, self.prediction_type,
                                        self.spec)

@@ -116,12 +116,13 @@ def evaluate(config, workdir: str, folders: dict[str, str]) -> dict:
             # Recorded with the numbers: the report judges them at the margin fixed before they were measured.
             "non_inferiority_margin": config.report.non_inferiority_margin,
             "reward_name": config.reward.name, "speed_repeats": d.speed_repeats, "variant": d.variant,
-            "teacher_parameterisation": teacher_parameterisation(config),
+            "teacher_parameterisation": teacher_kind(config),
             "device": f"{jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"}
 
 
-def teacher_parameterisation(config) -> str:
-    """The teacher's kind in words, for the report: what a VP and a flow (Wan) teacher differ in."""
+def teacher_kind(config) -> str:
+    """The teacher's parameterisation in words, for the report: what a VP and a flow (Wan) teacher differ in.
+    (checkpoint.teacher_parameterisation reads the same from a model folder as objects.)"""
     d = config.diffusion
     if d.schedule == "flow":
         return f"rectified flow, {d.prediction_type} prediction, timesteps shifted by {d.flow_shift:g} (Wan2.1's)"
