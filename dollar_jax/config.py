@@ -17,6 +17,7 @@ import ml_collections
 from dollar_jax.models.dit_config import DiTConfig
 
 JOBS = ("autoencoder", "precompute", "teacher", "distill", "demo")
+MEMORIES = ("device", "host")  # where a stored copy can live between steps (parallel/sharding.py: in_memory)
 
 
 def _dit_defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -166,6 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
         fake_lora_rank=0, fake_lora_alpha=0.0,
         ema_dtype="",  # storage dtype of the student's EMA (CD target); it is not kept at all with cd_weight=0
         # and export="raw", since nothing reads it then
+        # Where the EMA lives between steps: "device" (HBM), or "host" (pinned host memory: each step copies it
+        # in for the CD target and its update, and back out; it then costs HBM only while the step uses it)
+        ema_memory="device",
         nan_guard="state",  # "state": a non-finite step keeps the whole old state (an old and a new copy are
         # alive); "update": each optimiser update skips itself when its gradients are not finite (no copy)
         # Gradient accumulation: the generator's VSD + CD gradient (and each fake-score update's) is the mean
@@ -320,6 +324,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.distill.fake_lora_rank < 0:
         raise ValueError(f"config.distill.fake_lora_rank must be >= 0 (0: a full fake score), "
                          f"got {config.distill.fake_lora_rank}")
+    if config.distill.ema_memory not in MEMORIES:
+        raise ValueError(f"config.distill.ema_memory must be one of {MEMORIES}, got {config.distill.ema_memory!r}")
     for key in ("fake_dtype", "ema_dtype"):
         if config.distill[key] not in ("", "float32", "bfloat16"):
             raise ValueError(f"config.distill.{key} must be '', 'float32' or 'bfloat16', got {config.distill[key]!r}")

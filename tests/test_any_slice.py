@@ -54,6 +54,10 @@ def test_shipped_config_validates_and_resolves_per_mesh():
     config.distill.update(dict(batch_size=-1, batch_per_shard=0))
     with pytest.raises(ValueError, match="distill.batch_size"):
         validate(config)
+    config = wan_config("1.3b")
+    config.distill.ema_memory = "hbm"
+    with pytest.raises(ValueError, match=r"distill.ema_memory must be one of \('device', 'host'\), got 'hbm'"):
+        validate(config)
 
 
 @needs_8

@@ -107,7 +107,7 @@ c = m.get_config("local")
 c.model.update(dict(num_attention_heads=2, attention_head_dim=64, ffn_dim=128, num_layers=1, text_dim=64,
                     attention="splash", remat_policy="full", dtype="bfloat16"))
 c.data.update(dict(latent_shape=(2, 8, 8, 16), text_shape=(8, 64)))
-c.distill.update(dict(batch_size=4, fake_updates=1, cd_steps=1))
+c.distill.update(dict(batch_size=4, fake_updates=1, cd_steps=1, ema_memory="host"))
 plan = plan_distill_step(c, {"fsdp": 4}, topology="v5p:2x2x1")
 print(format_plan(plan), file=sys.stderr)
 print(json.dumps(plan))
@@ -134,6 +134,10 @@ def test_planner_compiles_for_a_tpu_topology_with_xla_tpu():
     # The figures are read back from XLA:TPU: sharded arguments, temporaries, and a peak against 95 GiB HBM.
     assert 0 < mem["arguments"] < plan["state_gib_total"] and mem["temporaries"] > 0
     assert mem["peak"] >= mem["arguments"] and plan["hbm_gib_per_device"] == 95 and plan["fits"] is True
+    # The EMA waits in host memory: XLA:TPU counts it apart from the device's arguments, split over fsdp=4
+    # (more than a quarter each: vectors too small to split stay replicated).
+    assert plan["ema_gib"]["student"] / 4 <= mem["host_arguments"] < plan["ema_gib"]["student"] / 2
+    assert "in host memory" in done.stderr
     assert plan["estimated_step_seconds"] > 0 and 0 < plan["estimated_mfu"] < 1
     assert plan["hardware_tflops_per_device_step"] > plan["model_tflops_per_device_step"] > 0
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from dollar_jax.config import config_from_file, optimizer, schedule_of
 from dollar_jax.models import WanDiT
+from dollar_jax.parallel.sharding import in_memory
 from dollar_jax.train.optim import LeanAdamState, make_optimizer
 from dollar_jax.train.state import Role, init_state, optimizer_step
 
@@ -108,6 +109,12 @@ def _run_steps(config, steps=2, metrics=None):
     state = init_state(step.roles, {"student": params, "fake": step.fake_init(params)}, seed=0)
     frozen = {"teacher": params, "null_text": jnp.zeros(text)}
     fn = jax.jit(step.train_step)
+    if config.distill.ema_memory == "host":  # as the train loop places it: the EMA waits in pinned host memory
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, state)
+        shardings = shardings.replace(ema=in_memory(shardings.ema, "host"))
+        state = jax.device_put(state, shardings)
+        fn = jax.jit(step.train_step, out_shardings=(shardings, None))
     for i in range(steps):
         k1, k2 = jax.random.split(jax.random.key(100 + i))
         batch = {"latents": jax.random.normal(k1, (2, *latent)), "text": jax.random.normal(k2, (2, *text))}
@@ -127,10 +134,13 @@ def reference():
     return _run_steps(config)
 
 
-def test_step_with_per_update_guard_and_without_first_moment_is_bit_exact(reference):
-    lean = _run_steps(_step_config(nan_guard="update"))  # the default drops the first moment (b1 = 0)
+def test_step_with_per_update_guard_without_first_moment_and_a_host_ema_is_bit_exact(reference):
+    # The default drops the first moment (b1 = 0); the EMA waits in host memory between steps.
+    lean = _run_steps(_step_config(nan_guard="update", ema_memory="host"))
     adam = lambda s: s.opt_state["student"][1][0]  # noqa: E731  chain(clip, chain(adam, lr))
     assert adam(reference).mu is not None and adam(lean).mu is None
+    assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.ema)} == {"pinned_host"}
+    assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.params)} == {"device"}
     jax.tree.map(np.testing.assert_array_equal, lean.params, reference.params)
     jax.tree.map(np.testing.assert_array_equal, lean.ema, reference.ema)
     jax.tree.map(np.testing.assert_array_equal, adam(lean).nu, adam(reference).nu)

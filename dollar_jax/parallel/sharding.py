@@ -97,6 +97,30 @@ def tree_shardings(mesh: Mesh, abstract_tree, logical_tree):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+# config's names for where an array lives -> JAX's memory kinds. "host" is pinned host memory, which the
+# accelerator reads and writes by DMA; compute still happens on the device.
+MEMORY_KINDS = {"device": "device", "host": "pinned_host"}
+
+
+def in_memory(shardings, memory: str):
+    """The same shardings, placed in `memory` ("device" or "host")."""
+    return jax.tree.map(lambda s: s.with_memory_kind(MEMORY_KINDS[memory]), shardings)
+
+
+def to_memory(tree, logical_tree, memory: str):
+    """Inside a jitted function: `tree` (sharded by `logical_tree`) copied into `memory`, so that the device
+    can compute on an input that lives in host memory (or write an output there). Uses the mesh of
+    `jax.set_mesh`; without one, the first device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        kind = MEMORY_KINDS[memory]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind),
+                                 tree)
+    else:
+        shardings = in_memory(tree_shardings(mesh, tree, logical_tree), memory)
+    return jax.device_put(tree, shardings)
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside a mesh context (single device, unit tests).
 

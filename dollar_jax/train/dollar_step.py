@@ -37,8 +37,8 @@ from dollar_jax.train.health import health_metrics
 from dollar_jax.train.loop import scalar_metrics
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.reward_step import make_reward_part
-from dollar_jax.train.state import (Role, TrainState, accumulated_value_and_grad, all_finite, guard_state, optimizer_step, split_model,
-                                    update_ema)
+from dollar_jax.train.state import (Role, TrainState, accumulated_value_and_grad, all_finite, ema_on_device,
+                                    guard_state, optimizer_step, split_model, update_ema)
 
 
 FAKE_SAMPLES = ("fresh", "reuse")
@@ -89,7 +89,8 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
     keep_ema = bool(dc.cd_weight) or dc.export == "ema"
     student_role, abstract_params = split_model("student", model, student_opt,
                                                 dc.student_ema_decay if keep_ema else None,
-                                                ema_dtype=dc.ema_dtype or None, guard_updates=guard)
+                                                ema_dtype=dc.ema_dtype or None, ema_memory=dc.ema_memory,
+                                                guard_updates=guard)
     fake_role, _ = split_model("fake", model, fake_opt, param_dtype=dc.fake_dtype or None, guard_updates=guard)
     fake_abstract = abstract_params
     if dc.fake_lora_rank:
@@ -135,6 +136,8 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
         text, data, null = batch["text"], batch["latents"], frozen["null_text"]
         teacher = teacher_role.module(frozen["teacher"])
         fake_params = jax.lax.stop_gradient(state.params["fake"])
+        if "student" in state.ema:  # from host memory, if it waits there (the guard then keeps this copy)
+            state = state.replace(ema={"student": ema_on_device(student_role, state.ema["student"])})
         ema = state.ema.get("student")
         noise = jax.random.normal(k_noise, data.shape, jnp.float32)
 

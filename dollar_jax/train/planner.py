@@ -54,6 +54,8 @@ def memory_summary(memory) -> dict:
     fields = {"argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
               "alias_bytes": memory.alias_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes}
     fields = {k: int(v) for k, v in fields.items()}
+    # Arguments placed in host memory (config.distill.ema_memory="host"): outside the device's peak.
+    fields["host_argument_bytes"] = int(getattr(memory, "host_argument_size_in_bytes", 0) or 0)
     fields["peak_bytes"] = (fields["argument_bytes"] + fields["temp_bytes"] + fields["output_bytes"]
                             - fields["alias_bytes"])
     return fields
@@ -234,6 +236,7 @@ def plan_distill_step(config, mesh_shape: dict, topology: str | None = None, est
             # Donated state is reused for the outputs, so the live peak is arguments + temporaries
             # + whatever outputs are not aliased to arguments.
             "peak": peak_bytes / GIB,
+            "host_arguments": memory["host_argument_bytes"] / GIB,  # pinned host memory, not HBM
         },
         "hbm_gib_per_device": hbm,
         # Only XLA:TPU's figure decides a fit; the CPU compiler's is an upper bound.
@@ -267,7 +270,8 @@ def format_plan(plan: dict) -> str:
              f"  state (all roles + frozen teacher): {plan['state_gib_total']:.1f} GiB in total "
              f"(optimiser moments {sum(plan['opt_state_gib'].values()):.1f}, EMA {sum(plan['ema_gib'].values()):.1f})",
              f"  per device: arguments {mem['arguments']:.2f} GiB, temporaries {mem['temporaries']:.2f} GiB, "
-             f"peak {mem['peak']:.2f} GiB: {verdict}",
+             f"peak {mem['peak']:.2f} GiB: {verdict}"
+             + (f"; {mem['host_arguments']:.2f} GiB in host memory" if mem.get("host_arguments") else ""),
              f"  TFLOPs per step: {flops}; per device: model {plan['model_tflops_per_device_step']:.1f}, "
              f"hardware (with remat) {plan['hardware_tflops_per_device_step']:.1f}"]
     if "estimated_step_seconds" in plan:

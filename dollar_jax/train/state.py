@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from dollar_jax.models.layers import logical_axes
 from dollar_jax.models.lora import lora_merge
-from dollar_jax.parallel.sharding import replicated, shard_count, tree_shardings
+from dollar_jax.parallel.sharding import in_memory, replicated, shard_count, to_memory, tree_shardings
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,6 +44,7 @@ class Role:
     # against non-finite gradients (else the step keeps a whole old copy of the state, `keep_if_finite`).
     param_dtype: str | None = None
     ema_dtype: str | None = None
+    ema_memory: str = "device"  # or "host": the EMA copy waits in pinned host memory between steps
     guard_updates: bool = False
     # A LoRA role (models/lora.py) trains low-rank adapters over another model's frozen parameters: its params
     # are the adapters, its module needs that base, and this is the adapters' scale (alpha / rank).
@@ -67,7 +68,7 @@ class Role:
 
 def split_model(name: str, model: nnx.Module, optimizer=None, ema_decay=None, **switches) -> tuple[Role, dict]:
     """A role and its initial parameters (pure dict) from a concrete or abstract NNX module. `switches` are
-    Role's memory fields (param_dtype, ema_dtype, guard_updates)."""
+    Role's memory fields (param_dtype, ema_dtype, ema_memory, guard_updates)."""
     graphdef, params, static = nnx.split(model, nnx.Param, ...)
     static_pure = static if len(jax.tree.leaves(static)) else None
     role = Role(name, graphdef, logical_axes(params), optimizer, ema_decay, static_pure, **switches)
@@ -108,7 +109,7 @@ def state_shardings(roles: Mapping[str, Role], abstract: TrainState, mesh: Mesh)
     """NamedShardings for every leaf: parameters, EMA and optimiser moments follow the rules table."""
     rep = replicated(mesh)
     params = {n: tree_shardings(mesh, abstract.params[n], roles[n].axes) for n in abstract.params}
-    ema = {n: params[n] for n in abstract.ema}
+    ema = {n: in_memory(params[n], roles[n].ema_memory) for n in abstract.ema}
     opt_state = {n: _param_like_shardings(opt, abstract.params[roles[n].param_owner], params[roles[n].param_owner], rep)
                  for n, opt in abstract.opt_state.items()}
     return TrainState(step=rep, rng=rep, params=params, opt_state=opt_state, ema=ema)
@@ -146,6 +147,14 @@ def optimizer_step(role: Role, params, opt_state, grads) -> tuple[dict, Any, jax
 def apply_gradients(state: TrainState, role: Role, grads) -> tuple[dict, Any, jax.Array]:
     """`optimizer_step` on the role's parameters and optimiser state held in `state`."""
     return optimizer_step(role, state.params[role.param_owner], state.opt_state[role.name], grads)
+
+
+def ema_on_device(role: Role, ema):
+    """Inside the step: the role's EMA copy where the device can compute on it (a copy in from host memory when
+    `role.ema_memory` is "host"; the step's output shardings send the updated one back)."""
+    if ema is None or role.ema_memory == "device":
+        return ema
+    return to_memory(ema, role.axes, "device")
 
 
 def update_ema(ema, params, decay: float):
