@@ -189,7 +189,7 @@ def _named(tree, leaf: str) -> list:
 
 def test_lora_model_starts_as_its_base_and_its_gradient_reaches_only_the_adapters():
     from dollar_jax.models import preset
-    from dollar_jax.models.lora import lora_axes, lora_init
+    from dollar_jax.models.lora import lora_axes, lora_init, lora_merge
     from dollar_jax.train.state import split_model
 
     role, base = split_model("fake", WanDiT(preset("tiny"), rngs=nnx.Rngs(0)))
@@ -204,11 +204,17 @@ def test_lora_model_starts_as_its_base_and_its_gradient_reaches_only_the_adapter
     t, text = jnp.asarray([100.0, 700.0]), jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
     def loss(adapters, b):  # the LoRA model's loss, with its output and the base model's beside it
         out = lora_role.module(adapters, b)(x, t, text)
-        return jnp.sum(out ** 2), (out, role.module(b)(x, t, text))
+        # Trained adapters (up != 0), merged block by block inside the scan, and into the whole model at once.
+        moved = _perturbed(adapters)
+        merged = (lora_role.module(moved, b)(x, t, text), role.module(lora_merge(b, moved, 0.5))(x, t, text))
+        return jnp.sum(out ** 2), (out, role.module(b)(x, t, text), merged)
 
     # One compiled program (run eagerly, the DiT's many small ops take most of a minute on 2 cores).
-    (_, (out, base_out)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(lora, base)
+    (_, (out, base_out, merged)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(lora, base)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(base_out))
+    per_block, whole = (np.asarray(m) for m in merged)
+    np.testing.assert_allclose(per_block, whole, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(per_block, np.asarray(base_out), atol=1e-3)  # the adapters changed the model
     assert all(float(jnp.abs(g).max()) == 0.0 for g in _named(grads, "lora_down"))  # up = 0: none reaches down
     assert all(float(jnp.abs(g).max()) > 0.0 for g in _named(grads, "lora_up"))
     with pytest.raises(ValueError, match="LoRA over a frozen model"):

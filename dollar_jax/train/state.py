@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dollar_jax.models.layers import logical_axes
-from dollar_jax.models.lora import lora_merge
+from dollar_jax.models.lora import LoraDiT
 from dollar_jax.parallel.sharding import in_memory, replicated, shard_count, to_memory, tree_shardings
 
 
@@ -60,7 +60,10 @@ class Role:
         if self.lora_scale is not None:
             if base is None:
                 raise ValueError(f"role {self.name!r} is a LoRA over a frozen model: pass its base parameters")
-            params = lora_merge(base, params, self.lora_scale)
+            return LoraDiT(self._merge(base), params, self.lora_scale)  # merged block by block
+        return self._merge(params)
+
+    def _merge(self, params):
         if self.static is None:
             return nnx.merge(self.graphdef, params)
         return nnx.merge(self.graphdef, params, self.static)
