@@ -167,8 +167,8 @@ def base_config() -> ml_collections.ConfigDict:
         fake_lora_rank=0, fake_lora_alpha=0.0,
         ema_dtype="",  # storage dtype of the student's EMA (CD target); it is not kept at all with cd_weight=0
         # and export="raw", since nothing reads it then
-        # Where the EMA lives between steps: "device" (HBM), or "host" (pinned host memory: each step copies it
-        # in for the CD target and its update, and back out; it then costs HBM only while the step uses it)
+        # Where the EMA lives: "device" (HBM), or "host" (pinned host memory: the host updates it from the new
+        # parameters, and each step copies it in only for the CD target; it costs HBM only while that reads it)
         ema_memory="device",
         nan_guard="state",  # "state": a non-finite step keeps the whole old state (an old and a new copy are
         # alive); "update": each optimiser update skips itself when its gradients are not finite (no copy)

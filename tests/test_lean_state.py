@@ -99,8 +99,9 @@ def _build(config):
     return build_step(config, dit_config(config), schedule_of(config), config.diffusion.prediction_type, latent, text)
 
 
-def _run_steps(config, steps=2, metrics=None):
-    """`steps` steps of the jitted step; returns the state (and appends each step's metrics to `metrics`)."""
+def _run_steps(config, steps=2, metrics=None, then_nan=False):
+    """`steps` steps of the jitted step; returns the state (and appends each step's metrics to `metrics`).
+    `then_nan`: one more step, on a batch of NaN latents and text: every update of it is non-finite."""
     step = _build(config)
     latent, text = tuple(config.data.latent_shape), tuple(config.data.text_shape)
     from dollar_jax.config import dit_config
@@ -122,6 +123,9 @@ def _run_steps(config, steps=2, metrics=None):
         assert bool(m["finite"])
         if metrics is not None:
             metrics.append(jax.device_get(m))
+    if then_nan:
+        state, m = fn(state, frozen, jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), batch))
+        assert not bool(m["finite"]) and int(state.step) == steps + 1
     return state
 
 
@@ -135,8 +139,9 @@ def reference():
 
 
 def test_step_with_per_update_guard_without_first_moment_and_a_host_ema_is_bit_exact(reference):
-    # The default drops the first moment (b1 = 0); the EMA waits in host memory between steps.
-    lean = _run_steps(_step_config(nan_guard="update", ema_memory="host"))
+    # The default drops the first moment (b1 = 0); the EMA waits in host memory between steps and is updated
+    # there. A third, non-finite step must change nothing (each update and the host EMA guard themselves).
+    lean = _run_steps(_step_config(nan_guard="update", ema_memory="host"), then_nan=True)
     adam = lambda s: s.opt_state["student"][1][0]  # noqa: E731  chain(clip, chain(adam, lr))
     assert adam(reference).mu is not None and adam(lean).mu is None
     assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.ema)} == {"pinned_host"}
@@ -189,7 +194,7 @@ def _named(tree, leaf: str) -> list:
 
 def test_lora_model_starts_as_its_base_and_its_gradient_reaches_only_the_adapters():
     from dollar_jax.models import preset
-    from dollar_jax.models.lora import lora_axes, lora_init, lora_merge
+    from dollar_jax.models.lora import lora_axes, lora_init
     from dollar_jax.train.state import split_model
 
     role, base = split_model("fake", WanDiT(preset("tiny"), rngs=nnx.Rngs(0)))
@@ -204,17 +209,11 @@ def test_lora_model_starts_as_its_base_and_its_gradient_reaches_only_the_adapter
     t, text = jnp.asarray([100.0, 700.0]), jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
     def loss(adapters, b):  # the LoRA model's loss, with its output and the base model's beside it
         out = lora_role.module(adapters, b)(x, t, text)
-        # Trained adapters (up != 0), merged block by block inside the scan, and into the whole model at once.
-        moved = _perturbed(adapters)
-        merged = (lora_role.module(moved, b)(x, t, text), role.module(lora_merge(b, moved, 0.5))(x, t, text))
-        return jnp.sum(out ** 2), (out, role.module(b)(x, t, text), merged)
+        return jnp.sum(out ** 2), (out, role.module(b)(x, t, text))
 
     # One compiled program (run eagerly, the DiT's many small ops take most of a minute on 2 cores).
-    (_, (out, base_out, merged)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(lora, base)
+    (_, (out, base_out)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(lora, base)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(base_out))
-    per_block, whole = (np.asarray(m) for m in merged)
-    np.testing.assert_allclose(per_block, whole, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(per_block, np.asarray(base_out), atol=1e-3)  # the adapters changed the model
     assert all(float(jnp.abs(g).max()) == 0.0 for g in _named(grads, "lora_down"))  # up = 0: none reaches down
     assert all(float(jnp.abs(g).max()) > 0.0 for g in _named(grads, "lora_up"))
     with pytest.raises(ValueError, match="LoRA over a frozen model"):

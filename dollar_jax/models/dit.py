@@ -26,7 +26,6 @@ from dollar_jax.models.attention import (SPLASH_RESIDUALS, apply_rope, attention
                                          rope_tables)
 from dollar_jax.models.dit_config import DiTConfig
 from dollar_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, param, sinusoidal_embedding, zeros
-from dollar_jax.models.lora import lora_merge
 from dollar_jax.parallel.sharding import constrain, shard_count
 
 TOKENS = ("act_batch", "act_length", "act_embed")
@@ -191,26 +190,21 @@ class WanDiT(nnx.Module):
             )
         return f // pt, h // ph, w // pw
 
-    def _run_blocks(self, h, context, modulation, rope, valid_tokens=None, block_lora=None):
+    def _run_blocks(self, h, context, modulation, rope, valid_tokens=None):
         graphdef, stacked = nnx.split(self.blocks)
-        adapters, scale = block_lora if block_lora is not None else (None, None)
 
-        def body(carry, layer):
-            layer_state, layer_adapters = layer
-            if layer_adapters is not None:  # models/lora.py: this block's kernels plus its low-rank deltas
-                layer_state = lora_merge(nnx.to_pure_dict(layer_state), layer_adapters, scale)
+        def body(carry, layer_state):
             return nnx.merge(graphdef, layer_state)(carry, context, modulation, rope, valid_tokens), None
 
         cfg = self.config
         if cfg.remat_policy != "none":
             kernel = resolve_kernel(cfg.attention, jnp.dtype(cfg.dtype), cfg.attention_head_dim)
             body = jax.checkpoint(body, policy=_remat_policy(cfg.remat_policy, kernel), prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, (stacked, adapters))
+        h, _ = jax.lax.scan(body, h, stacked)
         return h
 
-    def __call__(self, latents: jax.Array, timesteps: jax.Array, text: jax.Array, block_lora=None) -> jax.Array:
-        """latents [B, F, H, W, C_in], timesteps [B] (model units, 0..1000), text [B, L, text_dim].
-        `block_lora`: (adapters of the blocks, scale), merged block by block (models/lora.py, LoraDiT)."""
+    def __call__(self, latents: jax.Array, timesteps: jax.Array, text: jax.Array) -> jax.Array:
+        """latents [B, F, H, W, C_in], timesteps [B] (model units, 0..1000), text [B, L, text_dim]."""
         cfg = self.config
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
             raise ValueError(f"latents must be [B, F, H, W, {cfg.in_channels}], got {latents.shape}")
@@ -236,7 +230,7 @@ class WanDiT(nnx.Module):
         context = constrain(context, TEXT_TOKENS)
         rope = (jnp.asarray(cos), jnp.asarray(sin))
 
-        h = self._run_blocks(h, context, modulation, rope, tokens if padding else None, block_lora)
+        h = self._run_blocks(h, context, modulation, rope, tokens if padding else None)
 
         shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32)[None] + temb[:, None], 2, axis=1)
         h = layer_norm(h.astype(jnp.float32), cfg.eps) * (1 + scale) + shift  # float32 norm and head

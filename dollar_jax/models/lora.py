@@ -69,8 +69,6 @@ def lora_axes(axes: Mapping) -> dict:
 
 def lora_merge(base: Mapping, lora: Mapping, scale: float) -> dict:
     """`base` with W + scale * down @ up on every kernel `lora` adapts; every other parameter is `base`'s own.
-    `base` and `lora` mirror each other from any level: a whole DiT and its adapters, or one block and its
-    layer of them (`LoraDiT` merges block by block, inside the DiT's scan).
     The merged kernels are float32 whatever the base's dtype: rounding W + delta back to a bfloat16 teacher's
     precision would drop every delta smaller than half a bfloat16 ulp of W (most of them, early on)."""
     def walk(b, adapters):
@@ -86,18 +84,3 @@ def lora_merge(base: Mapping, lora: Mapping, scale: float) -> dict:
 def lora_scale(rank: int, alpha: float) -> float:
     """alpha / rank; alpha 0 means alpha = rank (scale 1)."""
     return (alpha or rank) / rank
-
-
-class LoraDiT:
-    """A DiT (the frozen base) with LoRA adapters, merged one block at a time inside the DiT's scan over its
-    blocks: only the block being run holds merged kernels, never the whole model's (for 14B the float32
-    merged kernels alone would be ~54 GB). Called like the DiT; its other attributes are the base's."""
-
-    def __init__(self, base, adapters: Mapping, scale: float):
-        self.base, self.adapters, self.scale = base, adapters, scale
-
-    def __call__(self, latents, timesteps, text):
-        return self.base(latents, timesteps, text, block_lora=(self.adapters["blocks"], self.scale))
-
-    def __getattr__(self, name):
-        return getattr(self.base, name)

@@ -38,7 +38,7 @@ from dollar_jax.train.loop import scalar_metrics
 from dollar_jax.train.optim import make_optimizer
 from dollar_jax.train.reward_step import make_reward_part
 from dollar_jax.train.state import (Role, TrainState, accumulated_value_and_grad, all_finite, ema_on_device,
-                                    guard_state, optimizer_step, split_model, update_ema)
+                                    guard_state, next_ema, optimizer_step, split_model)
 
 
 FAKE_SAMPLES = ("fresh", "reuse")
@@ -136,9 +136,8 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
         text, data, null = batch["text"], batch["latents"], frozen["null_text"]
         teacher = teacher_role.module(frozen["teacher"])
         fake_params = jax.lax.stop_gradient(state.params["fake"])
-        if "student" in state.ema:  # from host memory, if it waits there (the guard then keeps this copy)
-            state = state.replace(ema={"student": ema_on_device(student_role, state.ema["student"])})
-        ema = state.ema.get("student")
+        # The CD target reads the EMA on the device (copied in from host memory if it waits there).
+        ema = ema_on_device(student_role, state.ema.get("student"))
         noise = jax.random.normal(k_noise, data.shape, jnp.float32)
 
         def generator_loss(params, text, data, noise, k_sample, k_vsd, k_cd):
@@ -228,7 +227,8 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
 
         if outputs:
             metrics["_outputs"] = outputs
-        emas = {} if ema is None else {"student": update_ema(ema, params["student"], student_role.ema_decay)}
+        emas = {} if ema is None else {"student": next_ema(student_role, state.ema["student"], params["student"],
+                                                            finite)}
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_states, ema=emas)
         return guard_state(roles, finite, new, state), scalar_metrics(finite=finite, **metrics)
 

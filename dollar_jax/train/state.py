@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh
 
 from dollar_jax.models.layers import logical_axes
-from dollar_jax.models.lora import LoraDiT
+from dollar_jax.models.lora import lora_merge
 from dollar_jax.parallel.sharding import in_memory, replicated, shard_count, to_memory, tree_shardings
 
 
@@ -60,10 +61,7 @@ class Role:
         if self.lora_scale is not None:
             if base is None:
                 raise ValueError(f"role {self.name!r} is a LoRA over a frozen model: pass its base parameters")
-            return LoraDiT(self._merge(base), params, self.lora_scale)  # merged block by block
-        return self._merge(params)
-
-    def _merge(self, params):
+            params = lora_merge(base, params, self.lora_scale)
         if self.static is None:
             return nnx.merge(self.graphdef, params)
         return nnx.merge(self.graphdef, params, self.static)
@@ -153,11 +151,24 @@ def apply_gradients(state: TrainState, role: Role, grads) -> tuple[dict, Any, ja
 
 
 def ema_on_device(role: Role, ema):
-    """Inside the step: the role's EMA copy where the device can compute on it (a copy in from host memory when
-    `role.ema_memory` is "host"; the step's output shardings send the updated one back)."""
+    """Inside the step: the role's EMA copy where the device can read it (the CD target): a copy in from host
+    memory when `role.ema_memory` is "host", alive only until its last read."""
     if ema is None or role.ema_memory == "device":
         return ema
     return to_memory(ema, role.axes, "device")
+
+
+def next_ema(role: Role, ema, params, finite: jax.Array):
+    """The role's EMA after this step's update of `params`. An EMA in host memory is updated there (the host
+    computes it from the new parameters, copied out), so it never returns to the device, and it keeps its old
+    value when the step is not finite (`guard_state` then leaves it alone). A device EMA is guarded by
+    `guard_state` with the rest of the state."""
+    if role.ema_memory == "device":
+        return update_ema(ema, params, role.ema_decay)
+    params, finite = to_memory(params, role.axes, "host"), to_memory(finite, None, "host")
+    with compute_on("device_host"):
+        return jax.jit(lambda e, p, ok: jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                                     update_ema(e, p, role.ema_decay), e))(ema, params, finite)
 
 
 def update_ema(ema, params, decay: float):
@@ -174,12 +185,15 @@ def guard_state(roles: Mapping[str, Role], finite: jax.Array, new: TrainState, o
     new parameters and optimiser state (a bad update already left them as they were); every other role, and
     every EMA copy, keeps its old values when the step was not finite (`keep_if_finite` for the whole state
     when no role guards itself)."""
-    if not any(r.guard_updates for r in roles.values()):
+    host_ema = {n for n in new.ema if roles[n].ema_memory == "host"}  # guarded where it lives (`next_ema`)
+    if not any(r.guard_updates for r in roles.values()) and not host_ema:
         return keep_if_finite(finite, new, old)
     keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)  # noqa: E731
-    params = {n: p if n in roles and roles[n].guard_updates else keep(p, old.params[n]) for n, p in new.params.items()}
-    opt_state = {n: s if roles[n].guard_updates else keep(s, old.opt_state[n]) for n, s in new.opt_state.items()}
-    return new.replace(params=params, opt_state=opt_state, ema=keep(new.ema, old.ema))
+    guarded = lambda n: n in roles and roles[n].guard_updates  # noqa: E731
+    params = {n: p if guarded(n) else keep(p, old.params[n]) for n, p in new.params.items()}
+    opt_state = {n: s if guarded(n) else keep(s, old.opt_state[n]) for n, s in new.opt_state.items()}
+    ema = {n: e if n in host_ema else keep(e, old.ema[n]) for n, e in new.ema.items()}
+    return new.replace(params=params, opt_state=opt_state, ema=ema)
 
 
 def keep_if_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
