@@ -13,7 +13,7 @@ from flax import nnx
 
 from dollar_jax.config import config_from_file, optimizer, schedule_of
 from dollar_jax.models import WanDiT
-from dollar_jax.parallel.sharding import in_memory
+from dollar_jax.parallel.sharding import in_memory, on_device
 from dollar_jax.train.optim import LeanAdamState, make_optimizer
 from dollar_jax.train.state import Role, init_state, optimizer_step
 
@@ -146,6 +146,9 @@ def test_step_with_per_update_guard_without_first_moment_and_a_host_ema_is_bit_e
     assert adam(reference).mu is not None and adam(lean).mu is None
     assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.ema)} == {"pinned_host"}
     assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.params)} == {"device"}
+    copied = on_device(lean.ema)  # what a sampler or the export reads
+    assert {a.sharding.memory_kind for a in jax.tree.leaves(copied)} == {"device"}
+    jax.tree.map(np.testing.assert_array_equal, copied, lean.ema)
     jax.tree.map(np.testing.assert_array_equal, lean.params, reference.params)
     jax.tree.map(np.testing.assert_array_equal, lean.ema, reference.ema)
     jax.tree.map(np.testing.assert_array_equal, adam(lean).nu, adam(reference).nu)

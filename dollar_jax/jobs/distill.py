@@ -27,7 +27,7 @@ from dollar_jax.eval.generate import make_generate, student_grid, student_sample
 from dollar_jax.train.statistics import pixel_saturation
 from dollar_jax.jobs.common import conditioning_sections
 from dollar_jax.parallel.mesh import mesh_devices
-from dollar_jax.parallel.sharding import replicated
+from dollar_jax.parallel.sharding import on_device, replicated
 from dollar_jax.paths import Paths
 from dollar_jax.train.dollar_step import build_step, step_flops
 from dollar_jax.train.health import warn_on_alarms
@@ -133,7 +133,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     generators = student_generators(dc, role, schedule, prediction_type)
 
     def on_sample(state: TrainState, step: int) -> dict:
-        params = state.params["student"] if dc.export == "raw" else state.ema["student"]
+        params = state.params["student"] if dc.export == "raw" else on_device(state.ema["student"])
         out = {}
         for n, generate in generators.items():
             latents = np.asarray(generate(params, noise, jnp.asarray(text), jnp.asarray(null), jax.random.key(0)))
@@ -229,7 +229,7 @@ def run(config, workdir: str) -> str:
     job = make_job(config, workdir)
     state = train(job, config, paths.run(dc.name))
     _, _, diffusion = teacher_parameterisation(folder)
-    params = state.params["student"] if dc.export == "raw" else state.ema["student"]
+    params = state.params["student"] if dc.export == "raw" else on_device(state.ema["student"])
     schedule, _, _ = teacher_parameterisation(folder)
     write_model_folder(out, {
         "dit": student_dit(config, folder).to_dict(),

@@ -107,6 +107,16 @@ def in_memory(shardings, memory: str):
     return jax.tree.map(lambda s: s.with_memory_kind(MEMORY_KINDS[memory]), shardings)
 
 
+def on_device(tree):
+    """Outside jit: `tree` with every array that lives in host memory copied to device memory (an EMA kept with
+    ema_memory="host" before a sampler or an export reads it); device arrays are returned as they are."""
+    def one(a):
+        if getattr(a, "sharding", None) is None or a.sharding.memory_kind in (None, "device"):
+            return a
+        return jax.device_put(a, a.sharding.with_memory_kind("device"))
+    return jax.tree.map(one, tree)
+
+
 def to_memory(tree, logical_tree, memory: str):
     """Inside a jitted function: `tree` (sharded by `logical_tree`) copied into `memory`, so that the device
     can compute on an input that lives in host memory (or write an output there). Uses the mesh of
