@@ -163,7 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
         # Memory switches (BENCHMARKS.md, planner section, measures each with XLA:TPU):
         fake_dtype="",  # storage dtype of the fake score's trained parameters ("bfloat16"; "" = model.param_dtype)
         # > 0: the fake score is the frozen teacher plus LoRA adapters of this rank on every block's linear layers
-        # (models/lora.py; MagicDistillation, FastVideo) instead of a full trained copy; alpha 0 means alpha = rank
+        # (models/lora.py; MagicDistillation, FastVideo) instead of a full trained copy; alpha 0 means alpha = rank.
+        # On the test world rank 8 at the full copy's learning rate fell behind the student (BENCHMARKS.md).
         fake_lora_rank=0, fake_lora_alpha=0.0,
         ema_dtype="",  # storage dtype of the student's EMA (CD target); it is not kept at all with cd_weight=0
         # and export="raw", since nothing reads it then
