@@ -60,6 +60,7 @@ def get_config(arg: str | None = None):
     if quick:
         c.world_encoder.steps = 25  # smoke: features for the metrics, not a trained encoder
         c.teacher.update(dict(steps=150, batch_size=16, ema_decay=0.99))
+        c.demo.teacher_eval_every = 50
         c.teacher.optim.warmup_steps = 20
         c.distill.update(dict(steps=12, batch_size=8, fake_updates=2))
         c.reward.lrm_batch_size = 8

@@ -240,7 +240,10 @@ def base_config() -> ml_collections.ConfigDict:
     # steps, and REPORT.md gets the LRM-vs-alternatives table. Empty: not run.
     c.demo = ml_collections.ConfigDict(dict(prompts=16, samples_per_prompt=8, seed=0,
                                             speed_repeats=21, speed_batches=(1, 16), distill_seeds=(0,),
-                                            variant="default", reward_baselines="", reward_baseline_steps=100))
+                                            variant="default", reward_baselines="", reward_baseline_steps=100,
+                                            # the teacher stage samples config.sampling.num_videos clips every
+                                            # this many steps (0: never): REPORT.md's per-factor learning curve
+                                            teacher_eval_every=200))
 
     # How REPORT.md judges the paper's claims (eval/report.py: verdict). Fixed here, before any run: a student
     # "matches the teacher" when its adherence is at most this much below the teacher's at two standard errors.

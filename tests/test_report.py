@@ -135,3 +135,30 @@ def test_flow_variant_is_the_default_with_wans_teacher_and_says_so():
     # Everything the two teachers share stays the same: the reports then differ in the parameterisation alone.
     for section in ("sampling", "distill", "reward", "world"):
         assert default[section].to_dict() == _demo_config("flow")[section].to_dict(), section
+
+
+def test_curves_leave_out_panels_with_nothing_logged(tmp_path, monkeypatch):
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from dollar_jax.eval import report
+
+    run = tmp_path / "runs" / "teacher"
+    run.mkdir(parents=True)
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 11)]
+    rows += [{"step": s, "adherence_shape": 0.3 + 0.01 * s, "adherence_colour": 1.0} for s in (5, 10)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    made = []
+    real = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    png = tmp_path / "teacher.png"
+    path = report._plot_curves(str(tmp_path), {"teacher": str(run)}, str(png),
+                               ["loss", "val_loss", ("adherence", ("adherence_colour", "adherence_shape",
+                                                                   "adherence_direction"))], "t")
+    assert path == "teacher.png" and png.exists()
+    axes = made[0][1][0]
+    assert [ax.get_title() for ax in axes] == ["loss", "adherence"]  # val_loss was never logged: no panel
+    assert [line.get_label() for line in axes[1].get_lines()] == ["colour", "shape"]  # one line per factor logged
+    assert report._plot_curves(str(tmp_path), {"teacher": str(run)}, str(tmp_path / "none.png"), ["val_loss"],
+                               "t") is None

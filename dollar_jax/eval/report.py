@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from dollar_jax import storage
+from dollar_jax.data.world import FACTORS
 from dollar_jax.train.metrics import read_metrics
 
 # The paper's numbers (arXiv 2412.15689), for context next to ours: VBench total and Vendi (Inception).
@@ -19,32 +20,44 @@ def _fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _plot_curves(workdir: str, runs: dict[str, str], out_png: str, keys: list[str], title: str) -> str | None:
+def _plot_curves(workdir: str, runs: dict[str, str], out_png: str, panels: list, title: str) -> str | None:
+    """One panel per entry of `panels`: a metric key (a line per run), or (panel title, keys) (a line per run
+    and key). Panels with nothing logged are left out, so no figure has an empty panel; None if none is left."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-    drew = False
-    for ax, key in zip(axes[0], keys):
-        for label, run in runs.items():
-            rows = [r for r in read_metrics(run) if key in r]
-            if rows:
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label)
-                drew = True
-        ax.set_title(key, fontsize=9)
+    metrics = {label: read_metrics(run) for label, run in runs.items()}
+    lines = []  # (panel title, [(line label, steps, values)])
+    for panel in panels:
+        name, keys = (panel, (panel,)) if isinstance(panel, str) else panel
+        drawn = []
+        for label, rows in metrics.items():
+            for key in keys:
+                kept = [r for r in rows if key in r]
+                if kept:
+                    line = label if len(keys) == 1 else (key.rsplit("_", 1)[-1] if len(runs) == 1 else f"{label} {key}")
+                    drawn.append((line, [r["step"] for r in kept], [r[key] for r in kept]))
+        if drawn:
+            lines.append((name, drawn))
+    if not lines:
+        return None
+    fig, axes = plt.subplots(1, len(lines), figsize=(4.2 * len(lines), 3.2), squeeze=False)
+    for ax, (name, drawn) in zip(axes[0], lines):
+        for label, steps, values in drawn:
+            ax.plot(steps, values, label=label, marker="o" if len(steps) < 12 else None, markersize=3)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-        if len(runs) > 1:
+        if len(drawn) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    if drew:
-        with storage.local_file(out_png) as local:
-            fig.savefig(local, dpi=110, format="png")
+    with storage.local_file(out_png) as local:
+        fig.savefig(local, dpi=110, format="png")
     plt.close(fig)
-    return os.path.relpath(out_png, workdir) if drew else None
+    return os.path.relpath(out_png, workdir)
 
 
 # The claims compare the paper's 4-step students; Z standard errors make the two-sided ~95% interval.
@@ -269,7 +282,9 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
 
     curves = {
         "teacher": _plot_curves(workdir, {"teacher": runs["teacher"]}, os.path.join(out_dir, "teacher.png"),
-                                ["loss", "val_loss", "adherence_all"], "teacher pre-training"),
+                                ["loss", "val_loss", ("adherence by factor (EMA, guided samples)",
+                                                      tuple(f"adherence_{f}" for f in (*FACTORS, "all")))],
+                                "teacher pre-training"),
         "distill": _plot_curves(workdir, {k: v for k, v in runs.items() if k != "teacher"},
                                 os.path.join(out_dir, "distill.png"),
                                 ["loss_vsd", "loss_cd", "loss_fake", "sample_diversity"], "distillation"),

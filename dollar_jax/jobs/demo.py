@@ -147,7 +147,10 @@ def run(config, workdir: str) -> str:
     stages.run("latents", lambda: precompute.run(config, workdir), arrays_dataset.exists(paths.data, config.data.latents))
     stages.run("evaluation encoder", lambda: world_encoder.run(config, workdir),
                exists(paths.world_encoder(config)))
-    folders = {"teacher": stages.run("teacher", lambda: teacher.run(config, workdir), exists(paths.teacher))}
+    # The teacher samples while it trains, so that the report shows when it learned each factor.
+    teacher_config = config.copy_and_resolve_references()
+    teacher_config.sampling.every_steps = config.demo.teacher_eval_every
+    folders = {"teacher": stages.run("teacher", lambda: teacher.run(teacher_config, workdir), exists(paths.teacher))}
     runs = {"teacher": paths.run("teacher")}
     for name, seed, stage in students:
         c = student_config(config, name, seed)
