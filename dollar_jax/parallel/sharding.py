@@ -98,7 +98,7 @@ def tree_shardings(mesh: Mesh, abstract_tree, logical_tree):
 
 
 # config's names for where an array lives -> JAX's memory kinds. "host" is pinned host memory, which the
-# accelerator reads and writes by DMA; compute still happens on the device.
+# accelerator reads and writes by DMA; the device computes on a copy, the host itself under compute_on.
 MEMORY_KINDS = {"device": "device", "host": "pinned_host"}
 
 
