@@ -120,6 +120,12 @@ def latents_and_caption(example) -> dict:
     return {"latents": example["latents"], "text": example["text"], "caption": example["caption"]}
 
 
+def exported_params(state: TrainState, dc) -> dict:
+    """The student weights that are sampled and exported (config.distill.export): the raw student or its EMA,
+    on the device even when the EMA waits in host memory."""
+    return state.params["student"] if dc.export == "raw" else on_device(state.ema["student"])
+
+
 def make_world_evaluator(config, workdir, role, schedule, prediction_type, latent_shape, reward=None):
     """Periodic: the student at each of config.distill.eval_steps -> GIF grid + caption adherence; with a
     reward, also the true pixel reward of its samples and the LRM's correlation with the true reward on
@@ -133,7 +139,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     generators = student_generators(dc, role, schedule, prediction_type)
 
     def on_sample(state: TrainState, step: int) -> dict:
-        params = state.params["student"] if dc.export == "raw" else on_device(state.ema["student"])
+        params = exported_params(state, dc)
         out = {}
         for n, generate in generators.items():
             latents = np.asarray(generate(params, noise, jnp.asarray(text), jnp.asarray(null), jax.random.key(0)))
@@ -229,7 +235,7 @@ def run(config, workdir: str) -> str:
     job = make_job(config, workdir)
     state = train(job, config, paths.run(dc.name))
     _, _, diffusion = teacher_parameterisation(folder)
-    params = state.params["student"] if dc.export == "raw" else on_device(state.ema["student"])
+    params = exported_params(state, dc)
     schedule, _, _ = teacher_parameterisation(folder)
     write_model_folder(out, {
         "dit": student_dit(config, folder).to_dict(),

@@ -123,12 +123,10 @@ def to_memory(tree, logical_tree, memory: str):
     `jax.set_mesh`; without one, the first device."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        kind = MEMORY_KINDS[memory]
-        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind),
-                                 tree)
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), tree)
     else:
-        shardings = in_memory(tree_shardings(mesh, tree, logical_tree), memory)
-    return jax.device_put(tree, shardings)
+        shardings = tree_shardings(mesh, tree, logical_tree)
+    return jax.device_put(tree, in_memory(shardings, memory))
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
