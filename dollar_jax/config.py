@@ -238,6 +238,7 @@ def base_config() -> ml_collections.ConfigDict:
     # reward_baselines: "reward:method,method;reward:method..."; each entry fine-tunes the VSD+CD student on that
     # reward by each method (lrm, pixel, pg: dollar_jax/eval/reward_baselines.py) for reward_baseline_steps
     # steps, and REPORT.md gets the LRM-vs-alternatives table. Empty: not run.
+    # speed_repeats: timed runs of one video; a batch of b videos is timed about speed_repeats / b times (>= 3).
     c.demo = ml_collections.ConfigDict(dict(prompts=16, samples_per_prompt=8, seed=0,
                                             speed_repeats=21, speed_batches=(1, 16), distill_seeds=(0,),
                                             variant="default", reward_baselines="", reward_baseline_steps=100,

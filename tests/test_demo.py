@@ -26,8 +26,9 @@ def demo_run(world_run):
 
 
 def test_report_structure_and_sane_numbers(demo_run):
-    _, workdir, report = demo_run
+    c, workdir, report = demo_run
     text = open(report).read()
+    assert f"median of {c.demo.speed_repeats} runs of 1 video" in text
     for heading in ("## Protocol", "## Ablation", "## Seen and held-out", "## Claims of the paper", "## Speed",
                     "## Training curves", "## Samples", "## Stage times"):
         assert heading in text
@@ -55,9 +56,15 @@ def test_report_structure_and_sane_numbers(demo_run):
     teacher_nfe = results["quality"][1]["network_evaluations"]
     for s in results["speed"]:
         assert s["diffusion_s"] > 0 and s["end_to_end_s"] >= s["diffusion_s"] * 0.5
+        assert s["repeats"] == demo.speed_repeats(c.demo.speed_repeats, s["batch"])
     assert teacher_nfe == 2 * results["quality"][1]["steps"]  # guided: two evaluations per step
     for png in ("teacher.png", "distill.png", "reward.png"):
         assert os.path.exists(os.path.join(os.path.dirname(report), png))
+
+
+def test_batched_speed_runs_time_about_as_many_videos_as_single_ones():
+    assert [demo.speed_repeats(21, b) for b in (1, 2, 4, 16)] == [21, 10, 5, 3]
+    assert demo.speed_repeats(3, 1) == 3 and demo.speed_repeats(2, 1) == 3  # never fewer than 3 runs for a median
 
 
 def test_rerun_skips_finished_stages_and_reproduces_the_numbers(demo_run, capsys):

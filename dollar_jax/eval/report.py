@@ -264,7 +264,9 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
     lines.append("")
     lines += reward_baselines_section(results)
 
-    lines += [f"## Speed ({results['device']}, median of {results['speed_repeats']} runs, compilation excluded)", "",
+    repeats = {s["batch"]: s.get("repeats", results["speed_repeats"]) for s in results["speed"]}
+    runs_per_batch = ", ".join(f"{r} runs of {b} video{'s' * (b > 1)}" for b, r in sorted(repeats.items()))
+    lines += [f"## Speed ({results['device']}, median of {runs_per_batch}, compilation excluded)", "",
               "| sampler | videos | NFE | diffusion (s) | speed-up, diffusion | end to end (s) | speed-up, end to end "
               "| paper, diffusion |", "|---|---|---|---|---|---|---|---|"]
     for s in results["speed"]:
