@@ -171,6 +171,10 @@ def base_config() -> ml_collections.ConfigDict:
         # Where the EMA lives: "device" (HBM), or "host" (pinned host memory: the host updates it from the new
         # parameters, and each step copies it in only for the CD target; it costs HBM only while that reads it)
         ema_memory="device",
+        # Where the student's optimiser states (VSD + CD, and L_FT's) live: "device", or "host" (pinned host
+        # memory; the host runs the update from the gradient copied out, and only the update comes back). Needs
+        # nan_guard="update". The fake score's stays on the device: its updates run in a loop on the device.
+        optim_memory="device",
         nan_guard="state",  # "state": a non-finite step keeps the whole old state (an old and a new copy are
         # alive); "update": each optimiser update skips itself when its gradients are not finite (no copy)
         # Gradient accumulation: the generator's VSD + CD gradient (and each fake-score update's) is the mean
@@ -329,8 +333,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.distill.fake_lora_rank < 0:
         raise ValueError(f"config.distill.fake_lora_rank must be >= 0 (0: a full fake score), "
                          f"got {config.distill.fake_lora_rank}")
-    if config.distill.ema_memory not in MEMORIES:
-        raise ValueError(f"config.distill.ema_memory must be one of {MEMORIES}, got {config.distill.ema_memory!r}")
+    for key in ("ema_memory", "optim_memory"):
+        if config.distill[key] not in MEMORIES:
+            raise ValueError(f"config.distill.{key} must be one of {MEMORIES}, got {config.distill[key]!r}")
+    if config.distill.optim_memory == "host" and config.distill.nan_guard != "update":
+        raise ValueError("config.distill.optim_memory='host' needs config.distill.nan_guard='update': the host "
+                         "guards its optimiser state per update, the device never holds an old copy to go back to")
     for key in ("fake_dtype", "ema_dtype"):
         if config.distill[key] not in ("", "float32", "bfloat16"):
             raise ValueError(f"config.distill.{key} must be '', 'float32' or 'bfloat16', got {config.distill[key]!r}")

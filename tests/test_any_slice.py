@@ -58,6 +58,10 @@ def test_shipped_config_validates_and_resolves_per_mesh():
     config.distill.ema_memory = "hbm"
     with pytest.raises(ValueError, match=r"distill.ema_memory must be one of \('device', 'host'\), got 'hbm'"):
         validate(config)
+    config = wan_config("1.3b")
+    config.distill.update(dict(optim_memory="host", nan_guard="state"))
+    with pytest.raises(ValueError, match="optim_memory='host' needs config.distill.nan_guard='update'"):
+        validate(config)
 
 
 @needs_8

@@ -19,12 +19,14 @@ pytestmark = pytest.mark.slow
 def distill_config(config, **distill):
     """The tests' distillation run. One program for every test that keeps these settings (the reward tests'
     plain run, the health test): the suite's shared compilation cache then compiles it once, not once per test.
-    Captions come in groups of 4 so that the within-prompt health metrics are logged too, and the EMA waits in
-    host memory between steps (config.distill.ema_memory): 8 devices = 1, the exact resume and the reward
-    tests' bit-exact comparisons then hold for that placement (the demo test trains with it on the device)."""
+    Captions come in groups of 4 so that the within-prompt health metrics are logged too, and the EMA and the
+    student's optimiser states wait in host memory between steps (config.distill.ema_memory, optim_memory; the
+    latter with per-update NaN guards): 8 devices = 1, the exact resume and the reward tests' bit-exact
+    comparisons then hold for that placement (the demo test trains with everything on the device)."""
     c = config.copy_and_resolve_references()
     c.job = "distill"
-    c.distill.update(dict(steps=6, batch_size=8, fake_updates=2, repeat_captions=4, ema_memory="host"))
+    c.distill.update(dict(steps=6, batch_size=8, fake_updates=2, repeat_captions=4, ema_memory="host",
+                          optim_memory="host", nan_guard="update"))
     c.distill.update(distill)
     c.log_every_steps, c.checkpoint.every_steps, c.sampling.every_steps = 1, 2, 0
     return c

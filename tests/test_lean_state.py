@@ -14,7 +14,7 @@ from flax import nnx
 from dollar_jax.config import config_from_file, optimizer, schedule_of
 from dollar_jax.models import WanDiT
 from dollar_jax.parallel.sharding import in_memory, on_device
-from dollar_jax.train.optim import LeanAdamState, make_optimizer
+from dollar_jax.train.optim import LeanAdamState, clip_by_global_norm, make_optimizer
 from dollar_jax.train.state import Role, init_state, optimizer_step
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -47,6 +47,15 @@ def test_lean_adam_is_bit_exact_with_optax(name, b1, wd):
     adam_state = next(s for s in jax.tree.leaves(lean_state, is_leaf=lambda s: isinstance(s, LeanAdamState))
                       if isinstance(s, LeanAdamState))
     assert (adam_state.mu is None) == (b1 == 0.0)  # b1 = 0 stores no first moment
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped, and left alone
+def test_global_norm_clip_is_bit_exact_with_optax(max_norm):
+    grads = _tree(7, 3.0)
+    ours = jax.jit(lambda g: clip_by_global_norm(max_norm).update(g, optax.EmptyState())[0])(grads)
+    ref = jax.jit(lambda g: optax.clip_by_global_norm(max_norm).update(g, optax.EmptyState())[0])(grads)
+    jax.tree.map(np.testing.assert_array_equal, ours, ref)
+    assert (max_norm > 1) == all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(grads)))
 
 
 def test_bf16_moments_stay_within_bf16_precision():
@@ -110,10 +119,13 @@ def _run_steps(config, steps=2, metrics=None, then_nan=False):
     state = init_state(step.roles, {"student": params, "fake": step.fake_init(params)}, seed=0)
     frozen = {"teacher": params, "null_text": jnp.zeros(text)}
     fn = jax.jit(step.train_step)
-    if config.distill.ema_memory == "host":  # as the train loop places it: the EMA waits in pinned host memory
+    if "host" in (config.distill.ema_memory, config.distill.optim_memory):
+        # As the train loop places them: the EMA / the student's optimiser state wait in pinned host memory.
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, state)
-        shardings = shardings.replace(ema=in_memory(shardings.ema, "host"))
+        shardings = shardings.replace(
+            ema=in_memory(shardings.ema, config.distill.ema_memory),
+            opt_state={n: in_memory(s, step.roles[n].opt_memory) for n, s in shardings.opt_state.items()})
         state = jax.device_put(state, shardings)
         fn = jax.jit(step.train_step, out_shardings=(shardings, None))
     for i in range(steps):
@@ -138,13 +150,16 @@ def reference():
     return _run_steps(config)
 
 
-def test_step_with_per_update_guard_without_first_moment_and_a_host_ema_is_bit_exact(reference):
-    # The default drops the first moment (b1 = 0); the EMA waits in host memory between steps and is updated
-    # there. A third, non-finite step must change nothing (each update and the host EMA guard themselves).
-    lean = _run_steps(_step_config(nan_guard="update", ema_memory="host"), then_nan=True)
+def test_step_with_per_update_guard_without_first_moment_and_host_ema_and_moments_is_bit_exact(reference):
+    # The default drops the first moment (b1 = 0); the EMA and the student's optimiser state wait in host memory
+    # between steps and are updated there. A third, non-finite step must change nothing (each update, the host
+    # optimiser state and the host EMA guard themselves).
+    lean = _run_steps(_step_config(nan_guard="update", ema_memory="host", optim_memory="host"), then_nan=True)
     adam = lambda s: s.opt_state["student"][1][0]  # noqa: E731  chain(clip, chain(adam, lr))
     assert adam(reference).mu is not None and adam(lean).mu is None
     assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.ema)} == {"pinned_host"}
+    assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.opt_state["student"])} == {"pinned_host"}
+    assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.opt_state["fake"])} == {"device"}
     assert {a.sharding.memory_kind for a in jax.tree.leaves(lean.params)} == {"device"}
     copied = on_device(lean.ema)  # what a sampler or the export reads
     assert {a.sharding.memory_kind for a in jax.tree.leaves(copied)} == {"device"}

@@ -90,7 +90,9 @@ def build_step(config, dit: DiTConfig, schedule, prediction_type: str, latent_sh
     student_role, abstract_params = split_model("student", model, student_opt,
                                                 dc.student_ema_decay if keep_ema else None,
                                                 ema_dtype=dc.ema_dtype or None, ema_memory=dc.ema_memory,
-                                                guard_updates=guard)
+                                                opt_memory=dc.optim_memory, guard_updates=guard)
+    # The fake score's optimiser state stays on the device whatever optim_memory says: its updates run in the
+    # fake-updates loop, whose carried state XLA keeps in one memory.
     fake_role, _ = split_model("fake", model, fake_opt, param_dtype=dc.fake_dtype or None, guard_updates=guard)
     fake_abstract = abstract_params
     if dc.fake_lora_rank:

@@ -72,6 +72,22 @@ def scale_by_lean_adam(b1: float, b2: float, eps: float, moment_dtype=None,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm for real gradients, with the same arithmetic (bit-exact), but runnable where the
+    optimiser state lives in host memory (`train/state.py`, opt_memory="host"): optax's norm adds each leaf's
+    imaginary part squared, a zeros array that JAX places in device memory, which the host's update cannot mix
+    with its host-memory gradients."""
+    def update_fn(updates, state, params=None):
+        del params
+        squares = jax.tree.map(lambda g: jnp.sum(jnp.square(g)), updates)
+        g_norm = jnp.sqrt(jax.tree.reduce(lambda a, b: a + b, squares, initializer=0))
+        trigger = g_norm < max_norm
+        return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
+                            updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(c, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     if c.name not in OPTIMIZERS:
         raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {c.name!r}")
@@ -84,5 +100,5 @@ def make_optimizer(c, total_steps: int) -> tuple[optax.GradientTransformation, o
         core = optax.chain(adam, *decay, optax.scale_by_learning_rate(lr))
     else:
         core = optax.sgd(lr)
-    chain = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip and c.grad_clip > 0 else []
+    chain = [clip_by_global_norm(c.grad_clip)] if c.grad_clip and c.grad_clip > 0 else []
     return optax.chain(*chain, core), lr

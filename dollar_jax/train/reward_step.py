@@ -148,10 +148,10 @@ class RewardPart:
         def on(operands):
             params, opt = operands
             grads, loss = self.finetune_grads(params, lrm_params, sample_fn, text, data, key)
-            updates, opt = ft_role.optimizer.update(grads, opt, params)
-            updates = jax.tree.map(lambda u: u * ramp.astype(u.dtype), updates)
-            return (optax.apply_updates(params, updates), opt, loss.astype(jnp.float32),
-                    optax.global_norm(grads).astype(jnp.float32), all_finite(loss, grads))
+            # Through optimizer_step, as every update: its per-update NaN guard (nan_guard="update"), its
+            # host-memory optimiser state (distill.optim_memory="host").
+            params, opt, gnorm = optimizer_step(ft_role, params, opt, grads, update_scale=ramp)
+            return params, opt, loss.astype(jnp.float32), gnorm.astype(jnp.float32), all_finite(loss, grads)
 
         def off(operands):
             params, opt = operands

@@ -46,6 +46,7 @@ class Role:
     param_dtype: str | None = None
     ema_dtype: str | None = None
     ema_memory: str = "device"  # or "host": the EMA copy waits in pinned host memory between steps
+    opt_memory: str = "device"  # or "host": the optimiser state lives in pinned host memory, updated there
     guard_updates: bool = False
     # A LoRA role (models/lora.py) trains low-rank adapters over another model's frozen parameters: its params
     # are the adapters, its module needs that base, and this is the adapters' scale (alpha / rank).
@@ -69,7 +70,7 @@ class Role:
 
 def split_model(name: str, model: nnx.Module, optimizer=None, ema_decay=None, **switches) -> tuple[Role, dict]:
     """A role and its initial parameters (pure dict) from a concrete or abstract NNX module. `switches` are
-    Role's memory fields (param_dtype, ema_dtype, ema_memory, guard_updates)."""
+    Role's memory fields (param_dtype, ema_dtype, ema_memory, opt_memory, guard_updates)."""
     graphdef, params, static = nnx.split(model, nnx.Param, ...)
     static_pure = static if len(jax.tree.leaves(static)) else None
     role = Role(name, graphdef, logical_axes(params), optimizer, ema_decay, static_pure, **switches)
@@ -111,7 +112,8 @@ def state_shardings(roles: Mapping[str, Role], abstract: TrainState, mesh: Mesh)
     rep = replicated(mesh)
     params = {n: tree_shardings(mesh, abstract.params[n], roles[n].axes) for n in abstract.params}
     ema = {n: in_memory(params[n], roles[n].ema_memory) for n in abstract.ema}
-    opt_state = {n: _param_like_shardings(opt, abstract.params[roles[n].param_owner], params[roles[n].param_owner], rep)
+    opt_state = {n: in_memory(_param_like_shardings(opt, abstract.params[roles[n].param_owner],
+                                                    params[roles[n].param_owner], rep), roles[n].opt_memory)
                  for n, opt in abstract.opt_state.items()}
     return TrainState(step=rep, rng=rep, params=params, opt_state=opt_state, ema=ema)
 
@@ -130,18 +132,58 @@ def _param_like_shardings(opt_state, params, param_shardings, rep):
     return jax.tree.map(lambda x: param_shardings if like_params(x) else rep, opt_state, is_leaf=like_params)
 
 
-def optimizer_step(role: Role, params, opt_state, grads) -> tuple[dict, Any, jax.Array]:
-    """One optimiser update: (new params, new optimiser state, global gradient norm).
+def _opt_state_axes(role: Role, opt_state, params):
+    """The logical axes of an optimiser state: the parameters' for their moments, none for the rest."""
+    return _param_like_shardings(opt_state, params, role.axes, None)
+
+
+def optimizer_step(role: Role, params, opt_state, grads, update_scale=None) -> tuple[dict, Any, jax.Array]:
+    """One optimiser update: (new params, new optimiser state, global gradient norm). `update_scale` (a scalar)
+    multiplies the update before it is applied (L_FT's ramp).
 
     With `role.guard_updates`, an update whose gradients are not all finite leaves the parameters and the
     optimiser state as they were (optax.apply_if_finite's idea, without its counters): the select fuses into
-    the update, so no second copy of the state is kept alive."""
+    the update, so no second copy of the state is kept alive. With `role.opt_memory` "host" the state is updated
+    where it lives (`_host_update`)."""
+    if role.opt_memory == "host":
+        return _host_update(role, params, opt_state, grads, update_scale)
     updates, new_opt_state = role.optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    new_params = optax.apply_updates(params, _scaled(updates, update_scale))
     if role.guard_updates:
         finite = all_finite(grads)
         new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
                                                  (new_params, new_opt_state), (params, opt_state))
+    return new_params, new_opt_state, optax.global_norm(grads)
+
+
+def _scaled(updates, scale):
+    return updates if scale is None else jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+
+
+def _host_update(role: Role, params, opt_state, grads, update_scale=None) -> tuple[dict, Any, jax.Array]:
+    """`optimizer_step` for an optimiser state in pinned host memory (ZeRO-Offload's split): the gradients (and
+    the parameters, which XLA drops again when the update does not read them) are copied out, the host runs the
+    optimiser and keeps its new state, and only the update comes back to be added on the device. The device
+    then never holds the moments: an Adam second moment is one parameter copy (2.6 GiB for Wan2.1-1.3B in
+    bf16). Needs per-update NaN guards (`guard_updates`): the host keeps its old state on a non-finite update."""
+    if not role.guard_updates:
+        raise ValueError(f"role {role.name!r}: an optimiser state in host memory guards its own updates; "
+                         "set config.distill.nan_guard='update'")
+    finite = all_finite(grads)
+    grads_host = to_memory(grads, role.axes, "host")
+    params_host = to_memory(params, role.axes, "host")
+    finite_host = to_memory(finite, None, "host")
+
+    def update(g, state, p, ok):
+        updates, new_state = role.optimizer.update(g, state, p)
+        return updates, jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+
+    with compute_on("device_host"):
+        updates, new_opt_state = jax.jit(update)(grads_host, opt_state, params_host, finite_host)
+    # Pinned to host memory: what the update makes from constants (optax's step counts) is typed device memory.
+    new_opt_state = to_memory(new_opt_state, _opt_state_axes(role, opt_state, params), "host")
+    updates = _scaled(to_memory(updates, role.axes, "device"), update_scale)
+    new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), optax.apply_updates(params, updates), params)
     return new_params, new_opt_state, optax.global_norm(grads)
 
 
