@@ -20,7 +20,9 @@ any slice size. For fewer clips than devices set the batch and give the rest of 
 axis, e.g. 8 devices, batch 2: --config.distill.batch_size=2 --config.mesh.fsdp=2 --config.mesh.context=4.
 The lean-state switches (bf16 moments, fake score and EMA; per-update NaN guards) are in BENCHMARKS.md for
 when memory is short; check a mesh with the XLA:TPU planner (tools/plan_memory.py --topology=...) before
-renting it. XLA:TPU's plans (BENCHMARKS.md, v5p, per chip): 1.3B fits one chip (81 GiB, 50 lean); 14B fits 8
+renting it. XLA:TPU's plans (BENCHMARKS.md, v5p, per chip): 1.3B fits one chip (81 GiB, 50 lean; one v6e chip,
+32 GiB, at 29.6 with a rank-64 LoRA fake score, offload_attention and the EMA and the student's optimiser state in
+host memory, --config.distill.ema_memory=host --config.distill.optim_memory=host); 14B fits 8
 chips with this config's context=4 and the lean switches (57 GiB; 101 without them; 49 with a rank-64 LoRA fake
 score, --config.distill.fake_lora_rank=64; 45 with that and --config.distill.ema_memory=host), not at a clip
 per chip (98 GiB lean), and 32 chips with context=4 at 28 GiB lean.
