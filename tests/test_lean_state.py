@@ -86,6 +86,29 @@ def test_per_update_nan_guard_skips_only_a_non_finite_update():
     assert not np.isfinite(norm)
 
 
+@pytest.mark.parametrize("memory", ["device", "host"])
+def test_update_scale_scales_the_applied_update_and_the_guard_holds(memory):
+    # L_FT's ramp goes through optimizer_step's update_scale: the update is scaled, the optimiser state is not,
+    # and a non-finite update still moves nothing (nan_guard="update"), with the state on the device or the host.
+    opt, _ = make_optimizer(optimizer(learning_rate=1e-2, decay="constant"), 10)
+    role = Role("m", None, None, opt, guard_updates=True, opt_memory=memory)
+    params, grads = _tree(0), _tree(1)
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
+    state = opt.init(params)
+    if memory == "host":
+        state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host"))
+    step = jax.jit(lambda p, s, g, scale: optimizer_step(role, p, s, g, update_scale=scale)[:2])
+    full, full_state = step(params, state, grads, jnp.float32(1.0))
+    half, half_state = step(params, state, grads, jnp.float32(0.5))
+    jax.tree.map(lambda h, f, p: np.testing.assert_allclose(h - p, 0.5 * (f - p), rtol=1e-5, atol=1e-7),
+                 half, full, params)
+    jax.tree.map(np.testing.assert_array_equal, half_state, full_state)
+    kept, kept_state = step(params, state, bad, jnp.float32(0.5))
+    jax.tree.map(np.testing.assert_array_equal, (kept, kept_state), (params, state))
+    if memory == "host":
+        assert {a.sharding.memory_kind for a in jax.tree.leaves(half_state)} == {"pinned_host"}
+
+
 def _perturbed(params):
     """A fresh DiT's output projection is zero, so nothing upstream of it would get a gradient: perturb it all."""
     return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
