@@ -112,15 +112,17 @@ def state_shardings(roles: Mapping[str, Role], abstract: TrainState, mesh: Mesh)
     rep = replicated(mesh)
     params = {n: tree_shardings(mesh, abstract.params[n], roles[n].axes) for n in abstract.params}
     ema = {n: in_memory(params[n], roles[n].ema_memory) for n in abstract.ema}
-    opt_state = {n: in_memory(_param_like_shardings(opt, abstract.params[roles[n].param_owner],
-                                                    params[roles[n].param_owner], rep), roles[n].opt_memory)
+    # Moments sharded like the parameters, scalars replicated; in the role's memory.
+    opt_state = {n: in_memory(_param_like(opt, abstract.params[roles[n].param_owner], params[roles[n].param_owner],
+                                          rep), roles[n].opt_memory)
                  for n, opt in abstract.opt_state.items()}
     return TrainState(step=rep, rng=rep, params=params, opt_state=opt_state, ema=ema)
 
 
-def _param_like_shardings(opt_state, params, param_shardings, rep):
-    """Shardings of an optimiser state: every subtree shaped like the parameters (moments, in whatever dtype)
-    is sharded like them, everything else (step counts, scalars) is replicated. Structural, so nothing runs
+def _param_like(opt_state, params, like_params_value, other_value):
+    """A tree shaped like an optimiser state's top levels: `like_params_value` (a tree shaped like the parameters:
+    their shardings, their logical axes) for every subtree shaped like the parameters (moments, in whatever
+    dtype), `other_value` for everything else (step counts, scalars). Structural, so nothing runs
     (optax.tree_map_params calls init eagerly, which cannot run on a TPU topology planned from a CPU host)."""
     treedef = jax.tree.structure(params)
     shapes = [a.shape for a in jax.tree.leaves(params)]
@@ -129,12 +131,13 @@ def _param_like_shardings(opt_state, params, param_shardings, rep):
         return (jax.tree.structure(x) == treedef
                 and [getattr(a, "shape", None) for a in jax.tree.leaves(x)] == shapes)
 
-    return jax.tree.map(lambda x: param_shardings if like_params(x) else rep, opt_state, is_leaf=like_params)
+    return jax.tree.map(lambda x: like_params_value if like_params(x) else other_value, opt_state,
+                        is_leaf=like_params)
 
 
 def _opt_state_axes(role: Role, opt_state, params):
     """The logical axes of an optimiser state: the parameters' for their moments, none for the rest."""
-    return _param_like_shardings(opt_state, params, role.axes, None)
+    return _param_like(opt_state, params, role.axes, None)
 
 
 def optimizer_step(role: Role, params, opt_state, grads, update_scale=None) -> tuple[dict, Any, jax.Array]:
