@@ -125,7 +125,8 @@ def evaluate(config, workdir: str, folders: dict[str, str]) -> dict:
 def speed_repeats(repeats_at_one: int, batch: int) -> int:
     """Timed runs for a batch of `batch` videos: about the same number of videos as `repeats_at_one` single-video
     runs, and at least 3. A batch's run is compute-bound and steady (its spread is small), while the 50-step teacher
-    at batch 16 costs about 8 s a run on 2 cores: 21 runs of it were minutes of the main job."""
+    at batch 16 costs 1.8 s a run on 2 cores (run E, BENCHMARKS.md): 21 runs of it, diffusion and end to end, were
+    over a minute of the main job."""
     return max(3, min(repeats_at_one, round(repeats_at_one / batch)))
 
 

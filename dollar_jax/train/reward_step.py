@@ -23,7 +23,8 @@ from dollar_jax.rewards import reward_from_config
 from dollar_jax.rewards.decoders import make_decoder
 from dollar_jax.rewards.labeller import Labeller
 from dollar_jax.train.optim import make_optimizer
-from dollar_jax.train.state import accumulated_value_and_grad, all_finite, optimizer_step, split_model
+from dollar_jax.train.state import (accumulated_value_and_grad, all_finite, optimizer_step, select_if,
+                                    split_model)
 
 LRM_KEYS = ("lrm_latents", "lrm_text", "lrm_score", "lrm_valid", "ft_gate")
 
@@ -129,8 +130,7 @@ class RewardPart:
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         new_params, new_opt, gnorm = optimizer_step(self.role, params, opt_state, grads)
         any_valid = jnp.sum(batch["lrm_valid"]) > 0  # nothing labelled yet: leave the LRM as it is
-        keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(any_valid, a, b), n, o)
-        return keep(new_params, params), keep(new_opt, opt_state), {
+        return select_if(any_valid, new_params, params), select_if(any_valid, new_opt, opt_state), {
             "loss_lrm": loss, "grad_norm_lrm": gnorm, "lrm_active": any_valid.astype(jnp.float32)}, all_finite(loss, grads)
 
     def finetune_step(self, ft_role, ft_lr, student_params, lrm_params, opt_state, sample_fn, text, data, key,

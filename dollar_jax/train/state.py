@@ -154,8 +154,7 @@ def optimizer_step(role: Role, params, opt_state, grads, update_scale=None) -> t
     new_params = optax.apply_updates(params, _scaled(updates, update_scale))
     if role.guard_updates:
         finite = all_finite(grads)
-        new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                                 (new_params, new_opt_state), (params, opt_state))
+        new_params, new_opt_state = select_if(finite, (new_params, new_opt_state), (params, opt_state))
     return new_params, new_opt_state, optax.global_norm(grads)
 
 
@@ -179,14 +178,14 @@ def _host_update(role: Role, params, opt_state, grads, update_scale=None) -> tup
 
     def update(g, state, p, ok):
         updates, new_state = role.optimizer.update(g, state, p)
-        return updates, jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        return updates, select_if(ok, new_state, state)
 
     with compute_on("device_host"):
         updates, new_opt_state = jax.jit(update)(grads_host, opt_state, params_host, finite_host)
     # Pinned to host memory: what the update makes from constants (optax's step counts) is typed device memory.
     new_opt_state = to_memory(new_opt_state, _opt_state_axes(role, opt_state, params), "host")
     updates = _scaled(to_memory(updates, role.axes, "device"), update_scale)
-    new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), optax.apply_updates(params, updates), params)
+    new_params = select_if(finite, optax.apply_updates(params, updates), params)
     return new_params, new_opt_state, optax.global_norm(grads)
 
 
@@ -212,12 +211,17 @@ def next_ema(role: Role, ema, params, finite: jax.Array):
         return update_ema(ema, params, role.ema_decay)
     params, finite = to_memory(params, role.axes, "host"), to_memory(finite, None, "host")
     with compute_on("device_host"):
-        return jax.jit(lambda e, p, ok: jax.tree.map(lambda new, old: jnp.where(ok, new, old),
-                                                     update_ema(e, p, role.ema_decay), e))(ema, params, finite)
+        return jax.jit(lambda e, p, ok: select_if(ok, update_ema(e, p, role.ema_decay), e))(ema, params, finite)
 
 
 def update_ema(ema, params, decay: float):
     return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params)
+
+
+def select_if(ok: jax.Array, new, old):
+    """`new` where the scalar `ok` holds, else `old`, leaf by leaf: every NaN guard's choice (it fuses into the
+    computation of `new`, so no extra copy is kept)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def all_finite(*trees) -> jax.Array:
@@ -233,19 +237,17 @@ def guard_state(roles: Mapping[str, Role], finite: jax.Array, new: TrainState, o
     host_ema = {n for n in new.ema if roles[n].ema_memory == "host"}  # guarded where it lives (`next_ema`)
     if not any(r.guard_updates for r in roles.values()) and not host_ema:
         return keep_if_finite(finite, new, old)
-    keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)  # noqa: E731
     guarded = lambda n: n in roles and roles[n].guard_updates  # noqa: E731
-    params = {n: p if guarded(n) else keep(p, old.params[n]) for n, p in new.params.items()}
-    opt_state = {n: s if guarded(n) else keep(s, old.opt_state[n]) for n, s in new.opt_state.items()}
-    ema = {n: e if n in host_ema else keep(e, old.ema[n]) for n, e in new.ema.items()}
+    params = {n: p if guarded(n) else select_if(finite, p, old.params[n]) for n, p in new.params.items()}
+    opt_state = {n: s if guarded(n) else select_if(finite, s, old.opt_state[n]) for n, s in new.opt_state.items()}
+    ema = {n: e if n in host_ema else select_if(finite, e, old.ema[n]) for n, e in new.ema.items()}
     return new.replace(params=params, opt_state=opt_state, ema=ema)
 
 
 def keep_if_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
     """The NaN/Inf guard: a step whose losses or gradients are not finite leaves the state as it was
     (only the step counter advances), so a bad batch can never poison parameters, moments or EMA."""
-    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    return kept.replace(step=new.step)
+    return select_if(finite, new, old).replace(step=new.step)
 
 
 def accumulated_value_and_grad(loss_fn, params, batch: tuple, keys: tuple, microbatches: int,
