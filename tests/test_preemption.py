@@ -4,7 +4,7 @@ One run is cut twice and must end bit for bit where an uninterrupted run ends:
 - SIGTERM: the step in progress is checkpointed and the process exits with PREEMPTED_EXIT_CODE;
 - after a restart, SIGKILL between two periodic checkpoints (nothing saved on the way out, an asynchronous save
   possibly cut short): the last restart resumes from the last complete checkpoint.
-Both restarts load every program from the persistent compilation cache instead of compiling it again.
+Both restarts load the train step from the persistent compilation cache instead of compiling it again.
 (The two-process version, with jax.distributed and asynchronous checkpoints, is in test_multiprocess.py.)
 """
 
@@ -68,4 +68,13 @@ def test_sigterm_then_sigkill_between_checkpoints_and_the_restarts_are_exact(dat
     assert_same_run(whole, cut)
     assert checkpoint_steps(cut)[-1] == STEPS
     assert not glob.glob(os.path.join(cut, "runs", "teacher", "checkpoints", "*tmp*"))  # a cut save is cleaned up
-    assert sorted(os.listdir(cache)) == compiled  # nothing was compiled again: every program came from the cache
+    # The train step was not compiled again: its entry is the one the unbroken run wrote. (Small jits are not
+    # compared: JAX caches a program only if it compiled for over MIN_COMPILE_SECONDS, so a helper near that line
+    # is cached by one process and not by another when the machine is busy.)
+    now = sorted(os.listdir(cache))
+    assert set(compiled) <= set(now), (compiled, now)
+    assert steps_in(now) == steps_in(compiled), (compiled, now)
+
+
+def steps_in(entries):
+    return [n for n in entries if n.startswith("jit_train_step")]
