@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
         steps=3000, batch_size=32, ema_decay=0.999,
         optim=optimizer(learning_rate=1e-3, warmup_steps=200),
         text_dropout=0.1,  # probability of training on the null text (makes CFG possible)
+        # Training timesteps: "uniform" on [0, T], or "logit_normal" (SD3's density: T sigmoid(m + s z)), which
+        # spends fewer steps at the nearly clean and the nearly pure-noise ends (losses/denoising.py).
+        timesteps="uniform", logit_mean=0.0, logit_std=1.0,
         dir="",  # defaults to <workdir>/teacher
     ))
 
@@ -342,6 +345,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("fake_dtype", "ema_dtype"):
         if config.distill[key] not in ("", "float32", "bfloat16"):
             raise ValueError(f"config.distill.{key} must be '', 'float32' or 'bfloat16', got {config.distill[key]!r}")
+    if config.teacher.timesteps not in ("uniform", "logit_normal") or config.teacher.logit_std <= 0:
+        raise ValueError(f"config.teacher.timesteps must be 'uniform' or 'logit_normal' (with logit_std > 0), got "
+                         f"{config.teacher.timesteps!r} (logit_std {config.teacher.logit_std})")
     for stage in ("autoencoder", "world_encoder", "teacher", "distill"):
         fill = stage == "distill" and config[stage].batch_size == -1 and config[stage].batch_per_shard >= 1
         if (config[stage].batch_size <= 0 and not fill) or config[stage].steps <= 0:

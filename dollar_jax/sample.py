@@ -378,5 +378,8 @@ def main(argv):
 
 if __name__ == "__main__":
     from dollar_jax.cli_errors import run_absl
+    from dollar_jax.host_allocator import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # XLA:CPU's per-step buffers on huge pages (host_allocator.py says why)
 
     sys.exit(run_absl(main))

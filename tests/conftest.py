@@ -10,6 +10,11 @@ _env = cpu_test_env(requested_devices(_flags, 8), f"{_flags} {COMMON}")
 os.environ.setdefault("JAX_PLATFORMS", _env.pop("JAX_PLATFORMS"))  # the GPU machine runs its kernel tests on cuda
 os.environ.update(_env)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Huge pages for XLA:CPU's step buffers in the xdist workers and every subprocess (dollar_jax/host_allocator.py);
+# glibc reads it at process start, so this process itself (the xdist controller) runs without it.
+from dollar_jax.host_allocator import with_huge_pages  # noqa: E402
+
+os.environ.update(with_huge_pages(os.environ))
 
 import shutil  # noqa: E402
 

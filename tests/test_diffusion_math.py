@@ -147,3 +147,22 @@ def test_consistency_boundary_condition():
     f = consistency_denoiser(junk, vp)
     x = jax.random.normal(jax.random.key(6), (2, 1, 2, 2, 1))
     np.testing.assert_allclose(f(x, jnp.zeros((2,)))[0], x)  # f(x, 0) = x whatever the network says
+
+
+def test_logit_normal_training_timesteps_follow_their_density_and_the_config_is_checked():
+    from scipy.stats import norm
+
+    from dollar_jax.config import base_config, validate
+    from dollar_jax.losses.denoising import sample_timesteps
+
+    vp = VPSchedule()
+    t = np.asarray(sample_timesteps(jax.random.key(0), 20000, vp, logit_normal=(0.5, 1.0)))
+    assert np.all(t == np.round(t)) and t.min() >= 0 and t.max() <= 999  # integers on the discrete schedule
+    for q in (0.1, 0.5, 0.9):  # T sigmoid(m + s z): its quantiles
+        assert abs(np.quantile(t, q) - 999 / (1 + np.exp(-(0.5 + norm.ppf(q))))) < 8
+    uniform = np.asarray(sample_timesteps(jax.random.key(0), 20000, vp))
+    assert np.mean(t < 100) < 0.02 < 0.08 < np.mean(uniform < 100)  # few nearly clean draws
+    c = base_config()
+    c.teacher.timesteps = "logit-normal"
+    with pytest.raises(ValueError, match="config.teacher.timesteps must be 'uniform' or 'logit_normal'"):
+        validate(c)

@@ -39,6 +39,11 @@ def latents_batch(example) -> dict:
     return {"latents": example["latents"], "text": example["text"]}
 
 
+def training_timestep_density(tc) -> tuple[float, float] | None:
+    """config.teacher.timesteps (checked by config.validate): "uniform" -> None, "logit_normal" -> (mean, std)."""
+    return (float(tc.logit_mean), float(tc.logit_std)) if tc.timesteps == "logit_normal" else None
+
+
 def make_job(config, workdir: str) -> Job:
     paths = Paths.of(config, workdir)
     dit = dit_config(config)
@@ -50,13 +55,15 @@ def make_job(config, workdir: str) -> Job:
     make = lambda: WanDiT(dit, rngs=nnx.Rngs(config.seed))
     role, _ = split_model("teacher", abstract(make), optimizer, tc.ema_decay)
     p_drop = float(config.teacher.text_dropout)
+    density = training_timestep_density(tc)
 
     def train_step(state: TrainState, frozen, batch):
         k_drop, k_loss = jax.random.split(state.step_key())
         text = drop_text(k_drop, batch["text"], frozen["null_text"], p_drop)
 
         def loss_fn(p):
-            loss, _ = denoising_loss(role.module(p), batch["latents"], text, k_loss, schedule, prediction_type)
+            loss, _ = denoising_loss(role.module(p), batch["latents"], text, k_loss, schedule, prediction_type,
+                                     logit_normal=density)
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params["teacher"])
