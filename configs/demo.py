@@ -1,6 +1,6 @@
 """The main job: DOLLAR end to end on the embedded default, with REPORT.md at the end.
 
-    python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 34 min, 2 CPU cores
+    python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 24 min, 2 CPU cores
     python -m dollar_jax.main --config=configs/demo.py:quick --workdir=/tmp/dollar_quick   # ~3 min: smoke
     python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds: +44 min
     python -m dollar_jax.main --config=configs/demo.py:flow --workdir=/tmp/dollar_demo_flow  # Wan's teacher kind
@@ -29,7 +29,8 @@ def get_config(arg: str | None = None):
     c.demo.variant = ",".join(flags) or "default"
     c.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1))
     # Budgets measured on 2 CPU cores (BENCHMARKS.md, "The main job"): 13.7 min on 2026-11-22 and 40.2 min on
-    # 2026-11-23 (the same VM at half the speed) with a 1000-step teacher; 33.6 min on 2026-11-24 as committed.
+    # 2026-11-23 (the same VM at half the speed) with a 1000-step teacher; 33.6 min on 2026-11-24
+    # with the 3000-step teacher, 23.8 min with XLA:CPU's step buffers on huge pages (dollar_jax/host_allocator.py).
     # 3000 teacher steps: the world's shape and direction are learned late (BENCHMARKS.md, "Where the teacher
     # falls short"): at 1000 steps they sat near chance; at 2500-3000 every factor reads back >= 0.9.
     c.teacher.update(dict(steps=3000, ema_decay=0.995))
