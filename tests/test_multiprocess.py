@@ -26,22 +26,30 @@ pytestmark = pytest.mark.slow
 STEPS = 12
 
 
-def _args(workdir, data_dir):
-    # No compilation cache: JAX writes it from process 0 only. In a restart tried here process 0 loaded the step
-    # while process 1 compiled it and the first collective timed out (30 s, before tests/cpu_flags.py raised it);
-    # on 2026-11-23, with the cache, the two-host reward test's first run aborted at the shutdown barrier.
+def _args(workdir, data_dir, cache):
+    # One compilation cache for every start: each process writes its own entries (dollar_jax/compilation_cache.py),
+    # so every two-process start after the first loads its step in both processes instead of compiling it.
     return teacher_args(workdir, data_dir, STEPS, "--config.checkpoint.every_steps=2",
                         "--config.checkpoint.asynchronous=True", "--config.checkpoint.keep=10",
-                        "--config.compilation_cache=")
+                        f"--config.compilation_cache={cache}")
+
+
+def _train_step_entries(cache):
+    return sorted(n for n in os.listdir(cache) if n.startswith("jit_train_step-"))
 
 
 def test_two_processes_match_one_and_resume_exactly_after_preemption_and_kill(tmp_path):
     data_dir = write_random_latents(str(tmp_path / "data"))
     single, whole, cut = str(tmp_path / "single"), str(tmp_path / "whole"), str(tmp_path / "cut")
+    cache = str(tmp_path / "compilation_cache")
 
     # 1. Two processes = one process.
-    run(_args(single, data_dir), processes=1, devices_per_process=4)
-    outputs = run(_args(whole, data_dir), processes=2, devices_per_process=2)
+    run(_args(single, data_dir, cache), processes=1, devices_per_process=4)
+    one_process = _train_step_entries(cache)
+    outputs = run(_args(whole, data_dir, cache), processes=2, devices_per_process=2)
+    # Each of the two processes wrote its own entry for the 2-process step (XLA:CPU keys it per process).
+    entries = _train_step_entries(cache)
+    assert len(one_process) == 1 and len(entries) == 3, entries
     for pid, out in enumerate(outputs):  # they really formed one 4-device runtime
         assert f"process {pid} of 2: 2 local / 4 global devices" in out, out[-2000:]
     want, got = losses(single), losses(whole)
@@ -55,7 +63,7 @@ def test_two_processes_match_one_and_resume_exactly_after_preemption_and_kill(tm
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
     # 2. Preempted on one host, then both killed: the restarts end bit-exact with the unbroken run.
-    procs = start(_args(cut, data_dir), 2, 2)
+    procs = start(_args(cut, data_dir, cache), 2, 2)
     wait_for(lambda: last_logged_step(cut) >= 2, procs, what="step 2")
     os.killpg(procs[1].pid, signal.SIGTERM)  # only host 1 is told
     outputs = finish(procs, expect=PREEMPTED_EXIT_CODE)
@@ -64,7 +72,7 @@ def test_two_processes_match_one_and_resume_exactly_after_preemption_and_kill(tm
     for out in outputs:  # both hosts stopped after the same step and saved it together
         assert f"saved the checkpoint of step {saved}" in out, out[-2000:]
 
-    procs = start(_args(cut, data_dir), 2, 2)
+    procs = start(_args(cut, data_dir, cache), 2, 2)
     after = saved + 2 - saved % 2  # the next periodic checkpoint
     wait_for(lambda: after in checkpoint_steps(cut) and last_logged_step(cut) > after, procs, what=f"checkpoint {after}")
     os.killpg(procs[1].pid, signal.SIGKILL)  # one host dies, then the other
@@ -73,8 +81,9 @@ def test_two_processes_match_one_and_resume_exactly_after_preemption_and_kill(tm
     resumed_from = checkpoint_steps(cut)[-1]
     assert after <= resumed_from < STEPS
 
-    outputs = run(_args(cut, data_dir), processes=2, devices_per_process=2)
+    outputs = run(_args(cut, data_dir, cache), processes=2, devices_per_process=2)
     assert f"resumed from step {resumed_from}" in outputs[0], outputs[0][-2000:]
+    assert _train_step_entries(cache) == entries  # the three restarts loaded their step, in both processes
     assert_same_run(whole, cut)
     assert checkpoint_steps(cut)[-1] == STEPS
     # A save cut short leaves a temporary folder at most, never a step folder; the restart cleans it up.

@@ -38,9 +38,12 @@ def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(world_run,
             "--config.tensorboard=False",
             # The reward alone (no VSD, no CD): the bookkeeping under test is the labeller's and the LRM's, and the
             # step without the DOLLAR terms compiles in half the time (17 s against 32 s per process, quiet).
-            "--config.distill.vsd_weight=0", "--config.distill.cd_weight=0",
-            "--config.compilation_cache="]  # test_multiprocess.py says why multi-process runs have no cache
+            "--config.distill.vsd_weight=0", "--config.distill.cd_weight=0"]
     run_processes(args, processes=2, devices_per_process=2)
+    cache = os.path.join(run, "compilation_cache")  # the default: in the workdir, one entry per process
+    steps = lambda: sorted(n for n in os.listdir(cache) if n.startswith("jit_train_step-"))  # noqa: E731
+    entries = steps()
+    assert len(entries) == 2, entries
     run_dir = os.path.join(run, "runs", "student")
     rows = _rows(run_dir)
     assert [r["lrm_active"] for r in rows] == [0, 0, 1, 1, 1, 1]  # lag 2: step 3 trains on step 1's labels
@@ -58,3 +61,4 @@ def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(world_run,
     outputs = run_processes(args, processes=2, devices_per_process=2)
     assert "resumed from step 4" in outputs[0], outputs[0][-2000:]
     assert _rows(run_dir) == rows
+    assert steps() == entries  # both processes loaded the step instead of compiling it
