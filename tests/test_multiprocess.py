@@ -1,7 +1,8 @@
 """Two processes with jax.distributed on CPU run the real train loop together: they match one process, and
 they survive a preemption and a crash exactly.
 
-One test, so that its runs are shared (each start of two processes costs a minute of compiling on 2 cores):
+One test, so that its runs are shared (the first two-process start compiles the step in each process; every later
+start loads it from the one compilation cache the runs share):
 1. The quick world teacher on a small random latents dataset, FSDP over 4 devices, asynchronous checkpoints
    every 2 steps: once as one process with 4 virtual devices, once as 2 processes x 2 devices that find each
    other through DOLLAR_COORDINATOR. Every host reads only its rows of each global batch, host 0 alone writes
