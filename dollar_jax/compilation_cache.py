@@ -53,6 +53,7 @@ def _every_cpu_process_writes() -> None:
     private: if its parameters ever change, JAX's own rule stays (logged), and nothing else does."""
     import inspect
 
+    import jax
     from jax._src import compilation_cache as jax_cache
     from jax._src import compiler, distributed
 
@@ -66,8 +67,6 @@ def _every_cpu_process_writes() -> None:
         return
 
     def cache_write(*args, **kwargs):
-        import jax
-
         a = signature.bind(*args, **kwargs).arguments
         if (distributed.global_state.process_id == 0 or a["backend"].platform != "cpu" or a["host_callbacks"]
                 or a["compile_time_secs"] < jax.config.jax_persistent_cache_min_compile_time_secs):

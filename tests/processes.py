@@ -125,6 +125,11 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+def train_step_entries(cache: str) -> list[str]:
+    """The train step's entries in a compilation-cache folder (one per process on CPU: compilation_cache.py)."""
+    return sorted(n for n in os.listdir(cache) if n.startswith("jit_train_step-"))
+
+
 def teacher_weights(workdir) -> list[np.ndarray]:
     from flax import nnx
 

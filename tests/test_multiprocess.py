@@ -19,7 +19,7 @@ import signal
 import numpy as np
 import pytest
 from processes import (assert_same_run, checkpoint_steps, finish, last_logged_step, losses, run, start, teacher_args,
-                       teacher_weights, wait_for, write_random_latents)
+                       teacher_weights, train_step_entries, wait_for, write_random_latents)
 
 from dollar_jax.train.preemption import PREEMPTED_EXIT_CODE
 
@@ -35,10 +35,6 @@ def _args(workdir, data_dir, cache):
                         f"--config.compilation_cache={cache}")
 
 
-def _train_step_entries(cache):
-    return sorted(n for n in os.listdir(cache) if n.startswith("jit_train_step-"))
-
-
 def test_two_processes_match_one_and_resume_exactly_after_preemption_and_kill(tmp_path):
     data_dir = write_random_latents(str(tmp_path / "data"))
     single, whole, cut = str(tmp_path / "single"), str(tmp_path / "whole"), str(tmp_path / "cut")
@@ -46,10 +42,10 @@ def test_two_processes_match_one_and_resume_exactly_after_preemption_and_kill(tm
 
     # 1. Two processes = one process.
     run(_args(single, data_dir, cache), processes=1, devices_per_process=4)
-    one_process = _train_step_entries(cache)
+    one_process = train_step_entries(cache)
     outputs = run(_args(whole, data_dir, cache), processes=2, devices_per_process=2)
     # Each of the two processes wrote its own entry for the 2-process step (XLA:CPU keys it per process).
-    entries = _train_step_entries(cache)
+    entries = train_step_entries(cache)
     assert len(one_process) == 1 and len(entries) == 3, entries
     for pid, out in enumerate(outputs):  # they really formed one 4-device runtime
         assert f"process {pid} of 2: 2 local / 4 global devices" in out, out[-2000:]
@@ -84,7 +80,7 @@ def test_two_processes_match_one_and_resume_exactly_after_preemption_and_kill(tm
 
     outputs = run(_args(cut, data_dir, cache), processes=2, devices_per_process=2)
     assert f"resumed from step {resumed_from}" in outputs[0], outputs[0][-2000:]
-    assert _train_step_entries(cache) == entries  # the three restarts loaded their step, in both processes
+    assert train_step_entries(cache) == entries  # the three restarts loaded their step, in both processes
     assert_same_run(whole, cut)
     assert checkpoint_steps(cut)[-1] == STEPS
     # A save cut short leaves a temporary folder at most, never a step folder; the restart cleans it up.

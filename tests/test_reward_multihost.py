@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from processes import run as run_processes
+from processes import train_step_entries
 
 from dollar_jax.train.flops import is_throughput_metric
 from dollar_jax.train.metrics import read_metrics
@@ -41,8 +42,7 @@ def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(world_run,
             "--config.distill.vsd_weight=0", "--config.distill.cd_weight=0"]
     run_processes(args, processes=2, devices_per_process=2)
     cache = os.path.join(run, "compilation_cache")  # the default: in the workdir, one entry per process
-    steps = lambda: sorted(n for n in os.listdir(cache) if n.startswith("jit_train_step-"))  # noqa: E731
-    entries = steps()
+    entries = train_step_entries(cache)
     assert len(entries) == 2, entries
     run_dir = os.path.join(run, "runs", "student")
     rows = _rows(run_dir)
@@ -61,4 +61,4 @@ def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(world_run,
     outputs = run_processes(args, processes=2, devices_per_process=2)
     assert "resumed from step 4" in outputs[0], outputs[0][-2000:]
     assert _rows(run_dir) == rows
-    assert steps() == entries  # both processes loaded the step instead of compiling it
+    assert train_step_entries(cache) == entries  # both processes loaded the step instead of compiling it
