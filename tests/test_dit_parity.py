@@ -1,5 +1,6 @@
 """Parity: tiny random diffusers WanTransformer3DModel -> convert -> WanDiT equals the torch output (fp32)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,3 +87,10 @@ def test_bfloat16_storage_and_compute_stays_close(tmp_path):
     ref = wan_reference.torch_forward(model, latents, t, text)
     out = np.asarray(flax_model(jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text)).astype(jnp.float32))
     assert wan_reference.relative_error(out, ref) < 5e-2
+    # The final norm and output head compute in float32 under bf16 compute (Wan's head runs under float32
+    # autocast): the last matmul of the forward, after the scanned blocks, reads and writes float32.
+    jaxpr = jax.make_jaxpr(flax_model)(jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text)).jaxpr
+    head = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"][-1]
+    assert [v.aval.dtype for v in head.invars] == [jnp.float32, jnp.float32] and head.outvars[0].aval.dtype == jnp.float32
+    block = [e for e in jaxpr.eqns if e.primitive.name == "scan"][0]
+    assert block.outvars[0].aval.dtype == jnp.bfloat16  # the blocks themselves do run in bf16
