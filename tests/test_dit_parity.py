@@ -91,6 +91,6 @@ def test_bfloat16_storage_and_compute_stays_close(tmp_path):
     # autocast): the last matmul of the forward, after the scanned blocks, reads and writes float32.
     jaxpr = jax.make_jaxpr(flax_model)(jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text)).jaxpr
     head = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"][-1]
-    assert [v.aval.dtype for v in head.invars] == [jnp.float32, jnp.float32] and head.outvars[0].aval.dtype == jnp.float32
+    assert [v.aval.dtype for v in head.invars + head.outvars] == [jnp.float32] * 3
     block = [e for e in jaxpr.eqns if e.primitive.name == "scan"][0]
     assert block.outvars[0].aval.dtype == jnp.bfloat16  # the blocks themselves do run in bf16
