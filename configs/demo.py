@@ -2,7 +2,7 @@
 
     python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 16-21 min, 2 CPU cores
     python -m dollar_jax.main --config=configs/demo.py:quick --workdir=/tmp/dollar_quick   # ~3 min: smoke
-    python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds: +44 min
+    python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds: +22 min
     python -m dollar_jax.main --config=configs/demo.py:flow --workdir=/tmp/dollar_demo_flow  # Wan's teacher kind
     variants (comma-separated after ':'): quick, paper (every student trained with 3 seeds: the claims' SE
     then holds the seed-to-seed variation; a workdir of the default run is reused, its seed is seed 0; and the
