@@ -39,7 +39,8 @@ def get_config(arg: str | None = None):
     c.demo.teacher_eval_every = 500  # the teacher's per-factor learning curve in REPORT.md
     # "reuse" keeps the main job closer to its 15-minute budget on 2 cores: fresh fake-score samples (the
     # DMD2 choice, the default elsewhere) cost 35% more per distillation step here (measured, BENCHMARKS.md).
-    # 120 steps, at 60% of the students' cost: every claim run F reproduced at 200 is reproduced (run G).
+    # 120 steps, at 60% of the students' cost: every claim run F reproduced at 200 is reproduced (run G); over
+    # three seeds (:paper) matching the stronger teacher on held-out prompts is inconclusive (BENCHMARKS.md).
     c.distill.update(dict(steps=120, batch_size=16, fake_samples="reuse"))
     # Sharpness has headroom on the world (data 0.60, 4-step samples about 0.40); vividness saturates
     # at 0.94 and leaves the latent reward nothing to raise.
