@@ -85,11 +85,12 @@ def test_bfloat16_storage_and_compute_stays_close(tmp_path):
     latents, text = _inputs(model, (3, 4, 4), 5, batch=1, seed=2)
     t = np.asarray([400.0], np.float32)
     ref = wan_reference.torch_forward(model, latents, t, text)
-    out = np.asarray(flax_model(jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text)).astype(jnp.float32))
+    inputs = (jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text))
+    out = np.asarray(flax_model(*inputs).astype(jnp.float32))
     assert wan_reference.relative_error(out, ref) < 5e-2
     # The final norm and output head compute in float32 under bf16 compute (Wan's head runs under float32
     # autocast): the last matmul of the forward, after the scanned blocks, reads and writes float32.
-    jaxpr = jax.make_jaxpr(flax_model)(jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text)).jaxpr
+    jaxpr = jax.make_jaxpr(flax_model)(*inputs).jaxpr
     head = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"][-1]
     assert [v.aval.dtype for v in head.invars + head.outvars] == [jnp.float32] * 3
     block = [e for e in jaxpr.eqns if e.primitive.name == "scan"][0]
