@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 
+from dollar_jax.compile_effort import light_jit
 from dollar_jax.diffusion.consistency import consistency_denoiser
 from dollar_jax.diffusion.samplers import make_denoiser, sample
 
@@ -92,4 +92,4 @@ def make_generate(module_fn: Callable, schedule, prediction_type: str, spec: Sam
             denoise = consistency_denoiser(denoise, schedule, spec.sigma_data, spec.timestep_scale)
         return sample(denoise, noise, jnp.asarray(spec.timesteps), schedule, renoise=spec.renoise, rng=rng)
 
-    return jax.jit(generate)
+    return light_jit(generate)

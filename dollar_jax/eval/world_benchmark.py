@@ -21,6 +21,7 @@ from flax import nnx
 
 from dollar_jax.checkpoint import (load_autoencoder, load_dit, load_world_encoder, read_model_folder_config,
                                    teacher_parameterisation)
+from dollar_jax.compile_effort import light_jit, normal
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches
 from dollar_jax.data.text import text_encoder
@@ -68,11 +69,11 @@ class WorldBenchmark:
         shape = arrays_dataset.feature_shapes(self.paths.data, config.data.latents)["latents"][1]
         self.latent_shape = tuple(shape)
         # The held-out prompts' noise has its own key: the seen prompts' noise is what it was without them.
-        self.noise = jnp.concatenate([jax.random.normal(jax.random.key(seed + 100 + k), (n, *shape))
+        self.noise = jnp.concatenate([normal(jax.random.key(seed + 100 + k), (n, *shape))
                                       for k, n in enumerate((int(self.seen.sum()), int((~self.seen).sum()))) if n])
         self.ae = load_autoencoder(self.paths.autoencoder)
         self.evaluator = load_world_encoder(self.paths.world_encoder(config))
-        self._features = jax.jit(lambda m, v: m.features(v))
+        self._features = light_jit(lambda m, v: m.features(v))
         self._samplers: dict = {}
         self.reward_name = reward
         self.reward = make_reward(reward)
@@ -176,7 +177,7 @@ class WorldBenchmark:
             sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         ae_graph, ae_state = nnx.split(self.ae)
         ae_state = jax.device_put(ae_state, sharding)
-        decode = jax.jit(lambda state, z: nnx.merge(ae_graph, state).decode(z))
+        decode = light_jit(lambda state, z: nnx.merge(ae_graph, state).decode(z))
         prompt, noise, key = self.captions[:batch], self.noise[:batch], jax.random.key(0)
         null = jnp.asarray(self.null[:batch])
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from dollar_jax.compile_effort import light_jit
 from dollar_jax.data import world
 from dollar_jax.data.text import WordEncoder
 
@@ -17,7 +17,7 @@ def prompt_batch(wcfg: world.WorldConfig, encoder: WordEncoder, count: int, seed
     return factors, captions, encoder.encode(captions)
 
 
-_decode = jax.jit(lambda ae, z: ae.decode(z))
+_decode = light_jit(lambda ae, z: ae.decode(z))
 
 
 def decode(ae, latents, batch: int = 64) -> np.ndarray:

@@ -10,6 +10,7 @@ from flax import nnx
 
 from dollar_jax import storage
 from dollar_jax.checkpoint import model_folder_exists, write_model_folder
+from dollar_jax.compile_effort import light_jit
 from dollar_jax.config import optimizer as optimizer_config
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.pipeline import eval_batches, train_dataset
@@ -54,7 +55,7 @@ def make_job(config, workdir: str) -> Job:
     return Job(
         name="autoencoder", roles={"autoencoder": role},
         abstract_params=lambda: {"autoencoder": split_model("a", abstract(make))[1]},
-        initial_params=lambda: {"autoencoder": jax.jit(lambda: split_model("a", make())[1])()},
+        initial_params=lambda: {"autoencoder": light_jit(lambda: split_model("a", make())[1])()},
         train_step=train_step,
         dataset=train_dataset(source, config.autoencoder.batch_size, config.data.shuffle_seed,
                               map_fn=lambda ex: {"video": ex["video"]}),
@@ -74,7 +75,7 @@ def run(config, workdir: str) -> str:
     ae_cfg = model.config
     # Normalise latents to zero mean / unit variance per channel, measured on training clips.
     source = arrays_dataset.open_split(paths.data, config.data.videos, "train")
-    encode = jax.jit(lambda m, v: m.posterior(v)[0])
+    encode = light_jit(lambda m, v: m.posterior(v)[0])
     means = [np.asarray(encode(model, b["video"])) for b in eval_batches(source, 128, STATS_CLIPS)]
     z = np.concatenate(means).reshape(-1, ae_cfg.latent_channels)
     model.set_latent_stats(z.mean(0), z.std(0))
@@ -92,7 +93,7 @@ def validation_psnr(model: Autoencoder, config, workdir: str) -> float:
     """Mean PSNR (dB) of encode -> decode over the validation split."""
     paths = Paths.of(config, workdir)
     source = arrays_dataset.open_split(paths.data, config.data.videos, "validation")
-    roundtrip = jax.jit(lambda m, v: psnr(m.decode(m.encode(v)), v))
+    roundtrip = light_jit(lambda m, v: psnr(m.decode(m.encode(v)), v))
     values = [np.asarray(roundtrip(model, b["video"])) for b in eval_batches(source, 128)]
     return float(np.mean(np.concatenate(values)))
 

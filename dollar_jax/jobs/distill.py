@@ -15,6 +15,7 @@ from flax import nnx
 from dollar_jax import storage
 from dollar_jax.checkpoint import (load_autoencoder, load_dit, model_folder_exists, read_model_config,
                                    teacher_parameterisation, write_model_folder)
+from dollar_jax.compile_effort import light_jit, normal
 from dollar_jax.config import dit_config
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.latents import check_dataset_fits, load_null_text
@@ -135,7 +136,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
     encoder = text_encoder(config)
     factors, captions, text = world_eval.prompt_batch(wcfg, encoder, config.sampling.num_videos)
     null = np.broadcast_to(encoder.null(), text.shape)
-    noise = jax.random.normal(jax.random.key(7), (len(text), *latent_shape))
+    noise = normal(jax.random.key(7), (len(text), *latent_shape))
     generators = student_generators(dc, role, schedule, prediction_type)
 
     def on_sample(state: TrainState, step: int) -> dict:
@@ -166,7 +167,7 @@ def make_world_evaluator(config, workdir, role, schedule, prediction_type, laten
         val = next(iter(eval_batches(source, config.reward.eval_examples, config.reward.eval_examples)))
         val_captions = [c.decode() for c in val["caption"]]
         val_scores = reward_fn(world_eval.decode(ae, val["latents"]), val_captions)
-        predict = jax.jit(lambda p, z, t: reward.role.module(p)(z, t))
+        predict = light_jit(lambda p, z, t: reward.role.module(p)(z, t))
 
         def lrm_agreement(lrm_params, samples) -> dict:
             z, t, c = samples

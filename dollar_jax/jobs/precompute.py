@@ -6,9 +6,9 @@ umT5 embeddings), so the teacher and distillation jobs cannot tell the embedded 
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from dollar_jax.compile_effort import light_jit
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches
 from dollar_jax.checkpoint import load_autoencoder
@@ -27,7 +27,7 @@ def run(config, workdir: str) -> str:
         return arrays_dataset.dataset_path(paths.data, name)
     ae = load_autoencoder(paths.autoencoder)
     latent_shape = ae.config.latent_shape(wcfg.num_frames, wcfg.height, wcfg.width)
-    encode = jax.jit(lambda m, v: m.encode(v))
+    encode = light_jit(lambda m, v: m.encode(v))
 
     def examples(split):
         source = arrays_dataset.open_split(paths.data, config.data.videos, split)

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from dollar_jax.checkpoint import load_autoencoder, model_folder_exists, write_model_folder
+from dollar_jax.compile_effort import light_jit, normal
 from dollar_jax.config import dit_config, schedule_of
 from dollar_jax.data import arrays_dataset
 from dollar_jax.data.latents import check_dataset_fits, load_null_text
@@ -78,7 +79,7 @@ def make_job(config, workdir: str) -> Job:
     job = Job(
         name="teacher", roles={"teacher": role},
         abstract_params=lambda: {"teacher": split_model("t", abstract(make))[1]},
-        initial_params=lambda: {"teacher": jax.jit(lambda: split_model("t", make())[1])()},
+        initial_params=lambda: {"teacher": light_jit(lambda: split_model("t", make())[1])()},
         train_step=train_step,
         dataset=train_dataset(source, tc.batch_size, config.data.shuffle_seed, map_fn=latents_batch),
         total_steps=tc.steps, learning_rate=lr,
@@ -96,7 +97,7 @@ def validation_loss_fn(config, workdir: str, role):
     source = arrays_dataset.open_split(paths.data, config.data.latents, "validation")
     batches = [latents_batch(b) for b in eval_batches(source, 64, VAL_EXAMPLES)]
     schedule, prediction_type = schedule_of(config), config.diffusion.prediction_type
-    loss = jax.jit(lambda p, x0, text, key: denoising_loss(role.module(p), x0, text, key, schedule,
+    loss = light_jit(lambda p, x0, text, key: denoising_loss(role.module(p), x0, text, key, schedule,
                                                            prediction_type)[0])
 
     def evaluate(params) -> float:
@@ -117,7 +118,7 @@ def make_evaluator(config, workdir: str, role, latent_shape):
     spec = teacher_spec(schedule_of(config), config.sampling.steps, config.sampling.guidance_scale,
                         config.sampling.convention)
     generate = make_generate(role.module, schedule_of(config), config.diffusion.prediction_type, spec)
-    noise = jax.random.normal(jax.random.key(7), (len(text), *latent_shape))
+    noise = normal(jax.random.key(7), (len(text), *latent_shape))
 
     def on_sample(state: TrainState, step: int) -> dict:
         params = state.ema["teacher"]

@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 
 from dollar_jax.checkpoint import model_folder_exists, write_model_folder
+from dollar_jax.compile_effort import light_jit
 from dollar_jax.config import optimizer as optimizer_config
 from dollar_jax.data import arrays_dataset, world
 from dollar_jax.data.pipeline import eval_batches, train_dataset
@@ -47,7 +48,7 @@ def make_job(config, workdir: str) -> Job:
     source = arrays_dataset.open_split(paths.data, config.data.videos, "train")
     return Job(name="world_encoder", roles={"encoder": role},
                abstract_params=lambda: {"encoder": split_model("e", abstract(make))[1]},
-               initial_params=lambda: {"encoder": jax.jit(lambda: split_model("e", make())[1])()},
+               initial_params=lambda: {"encoder": light_jit(lambda: split_model("e", make())[1])()},
                train_step=train_step,
                dataset=train_dataset(source, e.batch_size, config.data.shuffle_seed,
                                      map_fn=lambda ex: {"video": ex["video"], **{f: ex[f] for f in world.FACTORS}}),
@@ -63,7 +64,7 @@ def run(config, workdir: str) -> str:
     state = train(job, config, paths.run("world_encoder"))
     model = job.roles["encoder"].module(jax.device_get(state.params["encoder"]))
     source = arrays_dataset.open_split(paths.data, config.data.videos, "validation")
-    predict = jax.jit(lambda m, v: {k: jnp.argmax(x, -1) for k, x in m(v).items()})
+    predict = light_jit(lambda m, v: {k: jnp.argmax(x, -1) for k, x in m(v).items()})
     hits = {f: [] for f in world.FACTORS}
     for batch in eval_batches(source, 128):
         pred = predict(model, batch["video"])
