@@ -50,6 +50,9 @@ def get_config(arg: str | None = None):
     if "paper" not in flags:
         c.demo.update(dict(speed_repeats=7, speed_batches=(1,)))
     c.world_encoder.steps = 200  # ~100% validation accuracy is reached by then
+    # The evaluation encoder trains beside the teacher and the three students beside each other, each in its own
+    # process: the same numbers, sooner on 2 cores (BENCHMARKS.md, "Stages side by side").
+    c.demo.side_by_side = 3
     c.checkpoint.every_steps = 400
     c.log_every_steps = 20
     # 6 of the 144 compositions are never shown (each still made of seen values and pairs of values); they are

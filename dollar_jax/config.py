@@ -251,7 +251,11 @@ def base_config() -> ml_collections.ConfigDict:
                                             variant="default", reward_baselines="", reward_baseline_steps=100,
                                             # the teacher stage samples config.sampling.num_videos clips every
                                             # this many steps (0: never): REPORT.md's per-factor learning curve
-                                            teacher_eval_every=200))
+                                            teacher_eval_every=200,
+                                            # stages that do not need each other's output (the students; the
+                                            # evaluation encoder and the teacher) run side by side in up to this
+                                            # many processes (jobs/side_by_side.py); 1: here, one after another
+                                            side_by_side=1))
 
     # How REPORT.md judges the paper's claims (eval/report.py: verdict). Fixed here, before any run: a student
     # "matches the teacher" when its adherence is at most this much below the teacher's at two standard errors.

@@ -303,8 +303,11 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
             lines.append(f"- {r['name']}: [{r['grid']}]({r['grid']})")
     lines += ["", "## Stage times", "", "| stage | seconds | |", "|---|---|---|"]
     for stage, t in timings.items():
-        lines.append(f"| {stage} | {t['seconds']:.1f} | {'reused from the work directory' if t['reused'] else ''} |")
-    lines.append(f"| total | {sum(t['seconds'] for t in timings.values()):.1f} | |")
+        note = ("reused from the work directory" if t["reused"] else
+                f"side by side with {', '.join(t['beside'])} (not in the total)" if t.get("beside") else
+                "wall time of the stages run side by side" if t.get("side_by_side") else "")
+        lines.append(f"| {stage} | {t['seconds']:.1f} | {note} |")
+    lines.append(f"| total | {sum(t['seconds'] for t in timings.values() if not t.get('beside')):.1f} | |")
     path = storage.join(out_dir, "REPORT.md")
     storage.write_text(path, "\n".join(lines) + "\n")
     storage.write_json(storage.join(out_dir, "results.json"), results | {"timings": timings}, indent=2)

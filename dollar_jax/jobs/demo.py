@@ -22,7 +22,7 @@ from dollar_jax import storage
 from dollar_jax.checkpoint import model_folder_exists
 from dollar_jax.eval import reward_baselines
 from dollar_jax.eval.report import write_report
-from dollar_jax.jobs import autoencoder, distill, precompute, teacher, world_data, world_encoder
+from dollar_jax.jobs import autoencoder, distill, precompute, side_by_side, teacher, world_data, world_encoder
 from dollar_jax.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,27 @@ class Stages:
             self.timings[name] = {"seconds": time.perf_counter() - t, "reused": done}
             storage.write_json(self.path, self.timings, indent=2)
         return out
+
+    def run_side_by_side(self, stages: list[tuple[str, side_by_side.Stage | None]], max_running: int,
+                         compilation_cache: tuple[str, str]) -> dict:
+        """(name, stage or None when already done) -> {name: the stage's result (None when done)}. With
+        max_running 1 each runs here, one after another; else in processes side by side (side_by_side.py)."""
+        if max_running <= 1 or sum(s is not None for _, s in stages) <= 1 or jax.process_count() > 1:
+            return {name: self.run(name, lambda s=s: s.fn(*s.args) if s else None, s is None) for name, s in stages}
+        todo = [s for _, s in stages if s is not None]
+        for name, s in stages:
+            i = self.names.index(name) + 1
+            print(f"[demo] stage {i}/{len(self.names)}: {name}{' (already done)' if s is None else ' (side by side)'}"
+                  f"  elapsed {(time.perf_counter() - self.t0) / 60:.1f} min", flush=True)
+        t = time.perf_counter()
+        done = side_by_side.run(todo, max_running, compilation_cache)
+        together = [s.name for s in todo]
+        for name, (_, seconds) in done.items():
+            self.timings[name] = {"seconds": seconds, "reused": False, "beside": [n for n in together if n != name]}
+        self.timings[" + ".join(together)] = {"seconds": time.perf_counter() - t, "reused": False,
+                                               "side_by_side": together}
+        storage.write_json(self.path, self.timings, indent=2)
+        return {name: done[name][0] if s is not None else None for name, s in stages}
 
 
 def evaluate(config, workdir: str, folders: dict[str, str]) -> dict:
@@ -155,18 +176,26 @@ def run(config, workdir: str) -> str:
                arrays_dataset.exists(paths.data, config.data.videos))
     stages.run("autoencoder", lambda: autoencoder.run(config, workdir), exists(paths.autoencoder))
     stages.run("latents", lambda: precompute.run(config, workdir), arrays_dataset.exists(paths.data, config.data.latents))
-    stages.run("evaluation encoder", lambda: world_encoder.run(config, workdir),
-               exists(paths.world_encoder(config)))
+    # The evaluation encoder trains beside the teacher, the students beside each other (config.demo.side_by_side).
+    cache, width = (config.compilation_cache, workdir), config.demo.side_by_side
+
+    def stage(name, fn, c, done):
+        return name, None if done else side_by_side.Stage(name, fn, (c, workdir))
+
     # The teacher samples while it trains, so that the report shows when it learned each factor.
     teacher_config = config.copy_and_resolve_references()
     teacher_config.sampling.every_steps = config.demo.teacher_eval_every
-    folders = {"teacher": stages.run("teacher", lambda: teacher.run(teacher_config, workdir), exists(paths.teacher))}
-    runs = {"teacher": paths.run("teacher")}
-    for name, seed, stage in students:
+    stages.run_side_by_side([
+        stage("evaluation encoder", world_encoder.run, config, exists(paths.world_encoder(config))),
+        stage("teacher", teacher.run, teacher_config, exists(paths.teacher))], width, cache)
+    folders, runs = {"teacher": paths.teacher}, {"teacher": paths.run("teacher")}
+    todo = []
+    for name, seed, stage_name in students:
         c = student_config(config, name, seed)
-        folders[stage] = stages.run(stage, lambda c=c: distill.run(c, workdir),
-                                    exists(os.path.join(paths.workdir, c.distill.name)))
-        runs[stage] = paths.run(c.distill.name)
+        folders[stage_name] = os.path.join(paths.workdir, c.distill.name)
+        todo.append(stage(stage_name, distill.run, c, exists(folders[stage_name])))
+        runs[stage_name] = paths.run(c.distill.name)
+    stages.run_side_by_side(todo, width, cache)
     results_path = os.path.join(paths.workdir, "report", RESULTS)
     seeds = list(dict.fromkeys(seed for _, seed, _ in students))
     cached = _cached(results_path, seeds, config.seed)
