@@ -7,6 +7,9 @@ Stages (each skipped when its output is already in the work directory, each resu
 
 The seed equal to config.seed trains the runs `student_vsd`, ... as a one-seed demo always did; every other seed
 trains `<name>_seed<seed>` (stage "<model> seed <seed>") and is evaluated at the claims' step count only.
+
+With config.demo.side_by_side > 1 the evaluation encoder trains beside the teacher and the students beside each
+other, each in a process of its own (jobs/side_by_side.py): the same numbers, sooner on a few CPU cores.
 """
 
 from __future__ import annotations
@@ -176,8 +179,9 @@ def run(config, workdir: str) -> str:
                arrays_dataset.exists(paths.data, config.data.videos))
     stages.run("autoencoder", lambda: autoencoder.run(config, workdir), exists(paths.autoencoder))
     stages.run("latents", lambda: precompute.run(config, workdir), arrays_dataset.exists(paths.data, config.data.latents))
-    # The evaluation encoder trains beside the teacher, the students beside each other (config.demo.side_by_side).
-    cache, width = (config.compilation_cache, workdir), config.demo.side_by_side
+    # The evaluation encoder trains beside the teacher, the students beside each other (config.demo.side_by_side),
+    # their processes with this one's compilation cache (main.py's config.compilation_cache, a test's own).
+    cache, width = (jax.config.jax_compilation_cache_dir or "", workdir), config.demo.side_by_side
 
     def stage(name, fn, c, done):
         return name, None if done else side_by_side.Stage(name, fn, (c, workdir))
