@@ -306,6 +306,7 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
         note = ("reused from the work directory" if t["reused"] else
                 f"side by side with {', '.join(t['beside'])} (not in the total)" if t.get("beside") else
                 "wall time of the stages run side by side" if t.get("side_by_side") else "")
+        note = "; ".join(n for n in (t.get("note"), note) if n)
         lines.append(f"| {stage} | {t['seconds']:.1f} | {note} |")
     lines.append(f"| total | {sum(t['seconds'] for t in timings.values() if not t.get('beside')):.1f} | |")
     path = storage.join(out_dir, "REPORT.md")

@@ -9,7 +9,10 @@ The seed equal to config.seed trains the runs `student_vsd`, ... as a one-seed d
 trains `<name>_seed<seed>` (stage "<model> seed <seed>") and is evaluated at the claims' step count only.
 
 With config.demo.side_by_side > 1 the evaluation encoder trains beside the teacher and the students beside each
-other, each in a process of its own (jobs/side_by_side.py): the same numbers, sooner on a few CPU cores.
+other, each in a process of its own (jobs/side_by_side.py): the same numbers, sooner on a few CPU cores. Each
+student then samples its own rows of the ablation in its process, and the teacher's rows are one more stage
+beside them; the evaluation stage computes any row still missing (a student trained in an earlier run) and
+times the speed table with nothing else running.
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ class Stages:
             storage.write_json(self.path, self.timings, indent=2)
         return out
 
+    def note(self, name: str, text: str):
+        """A remark on what a stage's time covers, printed beside it in the report's stage-times table."""
+        self.timings[name]["note"] = text
+        storage.write_json(self.path, self.timings, indent=2)
+
     def run_side_by_side(self, stages: list[tuple[str, side_by_side.Stage | None]], max_running: int,
                          compilation_cache: tuple[str, str]) -> dict:
         """(name, stage or None when already done) -> {name: the stage's result (None when done)}. With
@@ -102,35 +110,81 @@ class Stages:
         return {name: done[name][0] if s is not None else None for name, s in stages}
 
 
-def evaluate(config, workdir: str, folders: dict[str, str]) -> dict:
-    """`folders`: "teacher" and every student stage name of `student_runs` -> its model folder."""
-    from dollar_jax.data import world
-    from dollar_jax.eval.report import CLAIM_STEPS
-    from dollar_jax.eval.world_benchmark import WorldBenchmark, entries_for
+def _benchmark(config, workdir: str):
+    from dollar_jax.eval.world_benchmark import WorldBenchmark
 
-    d, s, dc = config.demo, config.sampling, config.distill
-    bench = WorldBenchmark(config, workdir, prompts=d.prompts, samples_per_prompt=d.samples_per_prompt,
-                           seed=d.seed, reward=config.reward.name)
-    out_dir = os.path.join(Paths.of(config, workdir).workdir, "report")
-    entries = [(e, {}) for e in entries_for(folders["teacher"], "teacher", [s.steps], s.guidance_scale, s.convention)]
-    if (dc.real_guidance, dc.real_convention) != (s.guidance_scale, s.convention):
-        # The teacher as the students' VSD real score sees it: the guidance they are distilled toward.
-        e = entries_for(folders["teacher"], "teacher", [s.steps], dc.real_guidance, dc.real_convention)[0]
-        entries.append((dataclasses.replace(e, name=f"{e.name[:-1]}, {dc.real_convention}: distillation target)"),
-                        {"distillation_target": True}))
+    d = config.demo
+    return WorldBenchmark(config, workdir, prompts=d.prompts, samples_per_prompt=d.samples_per_prompt,
+                          seed=d.seed, reward=config.reward.name)
+
+
+def _entries(config, folders: dict[str, str], stage: str | None = None) -> list[tuple]:
+    """(entry, extra fields of its row, the stage whose model it samples) of every row of the ablation, in order;
+    with `stage`, only that stage's rows (the other models' folders may not exist yet)."""
+    from dollar_jax.eval.report import CLAIM_STEPS
+    from dollar_jax.eval.world_benchmark import entries_for
+
+    s, dc = config.sampling, config.distill
+    entries = []
+    if stage in (None, "teacher"):
+        entries += [(e, {}, "teacher")
+                    for e in entries_for(folders["teacher"], "teacher", [s.steps], s.guidance_scale, s.convention)]
+        if (dc.real_guidance, dc.real_convention) != (s.guidance_scale, s.convention):
+            # The teacher as the students' VSD real score sees it: the guidance they are distilled toward.
+            e = entries_for(folders["teacher"], "teacher", [s.steps], dc.real_guidance, dc.real_convention)[0]
+            entries.append((dataclasses.replace(e, name=f"{e.name[:-1]}, {dc.real_convention}: distillation target)"),
+                            {"distillation_target": True}, "teacher"))
     runs = student_runs(config)
     primary = runs[0][1]
-    for name, seed, stage in runs:
+    for name, seed, owner in runs:
+        if stage not in (None, owner):
+            continue
         steps = list(dc.eval_steps)[::-1] if seed == primary else [CLAIM_STEPS]
-        for e in entries_for(folders[stage], name, steps, s.guidance_scale, s.convention):
+        for e in entries_for(folders[owner], name, steps, s.guidance_scale, s.convention):
             entries.append((e if seed == primary else dataclasses.replace(e, name=f"{e.name} seed {seed}"),
-                            {"seed": seed}))
+                            {"seed": seed}, owner))
+    return entries
+
+
+def evaluate_rows(config, workdir: str, folders: dict[str, str], stage: str) -> dict[str, dict]:
+    """The ablation rows of one stage's model (the teacher's, or one student's): {entry name: row}. Run beside
+    the students' training (evaluate() computes the rows it is not given, with the same programs and noise)."""
+    bench = _benchmark(config, workdir)
+    out_dir = os.path.join(Paths.of(config, workdir).workdir, "report")
+    rows = {}
+    for e, extra, _ in _entries(config, folders, stage):
+        rows[e.name] = bench.evaluate(e, out_dir) | extra
+        print(f"[demo] evaluated {e.name}: adherence {rows[e.name]['adherence']['mean']:.3f}", flush=True)
+    return rows
+
+
+def train_and_evaluate(c, workdir: str, config, folders: dict[str, str], stage: str) -> dict[str, dict]:
+    """One student's stage: distil it (config `c`), then evaluate its rows in the same process."""
+    distill.run(c, workdir)
+    return evaluate_rows(config, workdir, folders, stage)
+
+
+def evaluate(config, workdir: str, folders: dict[str, str], rows: dict[str, dict] | None = None) -> dict:
+    """`folders`: "teacher" and every student stage name of `student_runs` -> its model folder. `rows`: ablation
+    rows already evaluated (by evaluate_rows, beside the students), by entry name; the others are evaluated here,
+    and the speed table is always timed here, with nothing else running."""
+    from dollar_jax.data import world
+
+    d, rows = config.demo, dict(rows or {})
+    bench = _benchmark(config, workdir)
+    out_dir = os.path.join(Paths.of(config, workdir).workdir, "report")
+    entries = _entries(config, folders)
     quality = [bench.data_row()]
     speed = []
-    for e, extra in entries:
-        quality.append(bench.evaluate(e, out_dir) | extra)
-        print(f"[demo] evaluated {e.name}: adherence {quality[-1]['adherence']['mean']:.3f}", flush=True)
-    timed = [entries[0][0]] + [e for e, extra in entries if e.model == "VSD+CD+LRM" and extra.get("seed") == primary]
+    for e, extra, _ in entries:
+        if e.name not in rows:
+            rows[e.name] = bench.evaluate(e, out_dir) | extra
+            print(f"[demo] evaluated {e.name}: adherence {rows[e.name]['adherence']['mean']:.3f}", flush=True)
+        quality.append(rows[e.name])
+    runs = student_runs(config)
+    primary = runs[0][1]
+    timed = [entries[0][0]] + [e for e, extra, _ in entries
+                               if e.model == "VSD+CD+LRM" and extra.get("seed") == primary]
     for batch in d.speed_batches:  # one video (the paper's setting), and a batch where compute dominates dispatch
         for e in timed:
             repeats = speed_repeats(d.speed_repeats, batch)
@@ -167,7 +221,7 @@ def run(config, workdir: str) -> str:
     paths = Paths.of(config, workdir)
     students = student_runs(config)
     names = ["videos", "autoencoder", "latents", "evaluation encoder", "teacher", *(r[2] for r in students),
-             "evaluation", "report"]
+             "teacher evaluation", "evaluation", "report"]
     baselines = reward_baselines.parse_specs(config.demo.reward_baselines)  # a bad entry fails before any work
     if baselines:
         names.insert(names.index("report"), "reward baselines")
@@ -193,17 +247,30 @@ def run(config, workdir: str) -> str:
         stage("evaluation encoder", world_encoder.run, config, exists(paths.world_encoder(config))),
         stage("teacher", teacher.run, teacher_config, exists(paths.teacher))], width, cache)
     folders, runs = {"teacher": paths.teacher}, {"teacher": paths.run("teacher")}
-    todo = []
+    configs = {}
     for name, seed, stage_name in students:
-        c = student_config(config, name, seed)
+        configs[stage_name] = c = student_config(config, name, seed)
         folders[stage_name] = os.path.join(paths.workdir, c.distill.name)
-        todo.append(stage(stage_name, distill.run, c, exists(folders[stage_name])))
         runs[stage_name] = paths.run(c.distill.name)
-    stages.run_side_by_side(todo, width, cache)
     results_path = os.path.join(paths.workdir, "report", RESULTS)
-    seeds = list(dict.fromkeys(seed for _, seed, _ in students))
-    cached = _cached(results_path, seeds, config.seed)
-    results = stages.run("evaluation", lambda: cached or evaluate(config, workdir, folders), cached is not None)
+    cached = _cached(results_path, list(dict.fromkeys(seed for _, seed, _ in students)), config.seed)
+    # Each student is evaluated in its own process right after its training, and the teacher's rows beside them:
+    # the evaluation stage is then left with the speed table (and any row not evaluated yet).
+    todo = []
+    for stage_name, c in configs.items():
+        done = exists(folders[stage_name])
+        todo.append((stage_name, None if done else side_by_side.Stage(
+            stage_name, *((distill.run, (c, workdir)) if cached else
+                          (train_and_evaluate, (c, workdir, config, folders, stage_name))))))
+    todo.append(("teacher evaluation", None if cached else side_by_side.Stage(
+        "teacher evaluation", evaluate_rows, (config, workdir, folders, "teacher"))))
+    rows = {}
+    for out in stages.run_side_by_side(todo, width, cache).values():
+        rows.update(out if isinstance(out, dict) else {})
+    for name, st in todo:
+        if st is not None and st.fn is train_and_evaluate:
+            stages.note(name, "training, then sampling its rows of the ablation")
+    results = stages.run("evaluation", lambda: cached or evaluate(config, workdir, folders, rows), cached is not None)
     margin = results.setdefault("non_inferiority_margin", config.report.non_inferiority_margin)
     if margin != config.report.non_inferiority_margin:
         print(f"[demo] WARNING: results.json recorded non_inferiority_margin={margin} with its numbers; "
