@@ -130,8 +130,13 @@ def test_flow_variant_is_the_default_with_wans_teacher_and_says_so():
     validate(flow)
     assert (flow.diffusion.schedule, flow.diffusion.prediction_type, flow.diffusion.flow_shift) == ("flow", "flow", 3.0)
     assert (default.demo.variant, flow.demo.variant) == ("default", "quick,flow")
-    assert teacher_kind(flow) == "rectified flow, flow prediction, timesteps shifted by 3 (Wan2.1's)"
-    assert teacher_kind(default).startswith("VP (scaled_linear betas)")
+    assert teacher_kind(flow) == ("rectified flow, flow prediction, timesteps shifted by 3 (Wan2.1's), trained on "
+                                  "logit-normal timesteps (mean -1, std 1)")
+    assert teacher_kind(default) == "VP (scaled_linear betas), conjugate_v prediction"
+    # The teachers' training differs in the timestep density alone (the flow teacher's uniform draws, shifted,
+    # left shape unlearnt).
+    teachers = default.teacher.to_dict(), _demo_config("flow").teacher.to_dict()
+    assert {k for k in teachers[0] if teachers[0][k] != teachers[1][k]} == {"timesteps", "logit_mean"}
     # Everything the two teachers share stays the same: the reports then differ in the parameterisation alone.
     for section in ("sampling", "distill", "reward", "world"):
         assert default[section].to_dict() == _demo_config("flow")[section].to_dict(), section

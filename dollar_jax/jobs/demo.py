@@ -211,10 +211,12 @@ def speed_repeats(repeats_at_one: int, batch: int) -> int:
 def teacher_kind(config) -> str:
     """The teacher's parameterisation in words, for the report: what a VP and a flow (Wan) teacher differ in.
     (checkpoint.teacher_parameterisation reads the same from a model folder as objects.)"""
-    d = config.diffusion
-    if d.schedule == "flow":
-        return f"rectified flow, {d.prediction_type} prediction, timesteps shifted by {d.flow_shift:g} (Wan2.1's)"
-    return f"VP ({d.beta_schedule} betas), {d.prediction_type} prediction"
+    d, t = config.diffusion, config.teacher
+    kind = (f"rectified flow, {d.prediction_type} prediction, timesteps shifted by {d.flow_shift:g} (Wan2.1's)"
+            if d.schedule == "flow" else f"VP ({d.beta_schedule} betas), {d.prediction_type} prediction")
+    if t.timesteps == "logit_normal":
+        kind += f", trained on logit-normal timesteps (mean {t.logit_mean:g}, std {t.logit_std:g})"
+    return kind
 
 
 def run(config, workdir: str) -> str:
