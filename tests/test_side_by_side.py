@@ -19,7 +19,11 @@ def _square(x):
     return x * x, os.getpid()
 
 
-def _fail(message):
+def _fail(message, after=None):
+    """Raises ValueError(message); with `after`, once that file exists (a stage beside it has started)."""
+    deadline = time.time() + 60
+    while after and not os.path.exists(after) and time.time() < deadline:
+        time.sleep(0.05)
     raise ValueError(message)
 
 
@@ -48,7 +52,10 @@ def test_results_come_back_each_from_its_own_process():
 def test_a_failing_stage_stops_the_others_and_its_error_is_raised_here(tmp_path):
     folder = str(tmp_path)
     stages = [Stage("trainer", _train_until_sigterm, (folder, "trainer", 7)),
-              Stage("broken", _fail, ("config.distill.steps must be positive",))]
+              # It fails once the trainer is training: before its SIGTERM handler a stage just ends, with
+              # nothing to save; the point here is that a running one is told to stop and saves.
+              Stage("broken", _fail, ("config.distill.steps must be positive",
+                                      os.path.join(folder, "trainer.started")))]
     with pytest.raises(ValueError, match="config.distill.steps must be positive"):
         side_by_side.run(stages, max_running=2)
     # The running trainer was told to stop and saved its step (nothing it had is lost).
