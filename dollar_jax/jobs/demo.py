@@ -111,11 +111,19 @@ class Stages:
 
 
 def _benchmark(config, workdir: str):
+    """The demo's WorldBenchmark and the folder its rows' sample grids go to."""
     from dollar_jax.eval.world_benchmark import WorldBenchmark
 
     d = config.demo
-    return WorldBenchmark(config, workdir, prompts=d.prompts, samples_per_prompt=d.samples_per_prompt,
-                          seed=d.seed, reward=config.reward.name)
+    bench = WorldBenchmark(config, workdir, prompts=d.prompts, samples_per_prompt=d.samples_per_prompt,
+                           seed=d.seed, reward=config.reward.name)
+    return bench, os.path.join(Paths.of(config, workdir).workdir, "report")
+
+
+def _evaluate_row(bench, out_dir: str, entry, extra: dict) -> dict:
+    row = bench.evaluate(entry, out_dir) | extra
+    print(f"[demo] evaluated {entry.name}: adherence {row['adherence']['mean']:.3f}", flush=True)
+    return row
 
 
 def _entries(config, folders: dict[str, str], stage: str | None = None) -> list[tuple]:
@@ -149,13 +157,8 @@ def _entries(config, folders: dict[str, str], stage: str | None = None) -> list[
 def evaluate_rows(config, workdir: str, folders: dict[str, str], stage: str) -> dict[str, dict]:
     """The ablation rows of one stage's model (the teacher's, or one student's): {entry name: row}. Run beside
     the students' training (evaluate() computes the rows it is not given, with the same programs and noise)."""
-    bench = _benchmark(config, workdir)
-    out_dir = os.path.join(Paths.of(config, workdir).workdir, "report")
-    rows = {}
-    for e, extra, _ in _entries(config, folders, stage):
-        rows[e.name] = bench.evaluate(e, out_dir) | extra
-        print(f"[demo] evaluated {e.name}: adherence {rows[e.name]['adherence']['mean']:.3f}", flush=True)
-    return rows
+    bench, out_dir = _benchmark(config, workdir)
+    return {e.name: _evaluate_row(bench, out_dir, e, extra) for e, extra, _ in _entries(config, folders, stage)}
 
 
 def train_and_evaluate(c, workdir: str, config, folders: dict[str, str], stage: str) -> dict[str, dict]:
@@ -171,15 +174,13 @@ def evaluate(config, workdir: str, folders: dict[str, str], rows: dict[str, dict
     from dollar_jax.data import world
 
     d, rows = config.demo, dict(rows or {})
-    bench = _benchmark(config, workdir)
-    out_dir = os.path.join(Paths.of(config, workdir).workdir, "report")
+    bench, out_dir = _benchmark(config, workdir)
     entries = _entries(config, folders)
     quality = [bench.data_row()]
     speed = []
     for e, extra, _ in entries:
         if e.name not in rows:
-            rows[e.name] = bench.evaluate(e, out_dir) | extra
-            print(f"[demo] evaluated {e.name}: adherence {rows[e.name]['adherence']['mean']:.3f}", flush=True)
+            rows[e.name] = _evaluate_row(bench, out_dir, e, extra)
         quality.append(rows[e.name])
     runs = student_runs(config)
     primary = runs[0][1]

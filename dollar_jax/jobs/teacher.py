@@ -98,7 +98,7 @@ def validation_loss_fn(config, workdir: str, role):
     batches = [latents_batch(b) for b in eval_batches(source, 64, VAL_EXAMPLES)]
     schedule, prediction_type = schedule_of(config), config.diffusion.prediction_type
     loss = light_jit(lambda p, x0, text, key: denoising_loss(role.module(p), x0, text, key, schedule,
-                                                           prediction_type)[0])
+                                                             prediction_type)[0])
 
     def evaluate(params) -> float:
         keys = jax.random.split(jax.random.key(1234), len(batches))
