@@ -8,7 +8,8 @@
     python benchmarks/distill_step.py --config=... --compilation_cache=/tmp/cc
 
 Weights are random (drawn inside jit on the mesh: nothing passes through the host); the batch is random
-latents/text of config.data.latent_shape/text_shape. Prints one JSON line: compile time, mean step time over
+latents/text of config.data.latent_shape/text_shape. Prints one JSON line: compile time (of which tracing and
+lowering; and the compiled program's fusions and while loops, which set XLA's share), mean step time over
 --iters steps after one warm-up, analytic TFLOPs per role, achieved TFLOP/s per device and MFU (per role and
 total) against the device's bf16 peak (train/flops.py).
 """
@@ -73,8 +74,11 @@ def main(_):
                  for k, a in planned.batch.items()}
         n = int(config.distill.batch_size)
         t0 = time.perf_counter()
-        compiled = planned.jitted.lower(state, frozen, batch).compile()
+        lowered = planned.jitted.lower(state, frozen, batch)  # tracing (Python) and lowering to StableHLO
+        lower_s = time.perf_counter() - t0
+        compiled = lowered.compile()  # XLA: HLO passes and code generation
         compile_s = time.perf_counter() - t0
+        program = compiled.as_text()  # what the compiler made of it: its size explains the compile time
         state, metrics = compiled(state, frozen, batch)
         jax.block_until_ready(metrics)
         t0 = time.perf_counter()
@@ -87,6 +91,8 @@ def main(_):
         "device": jax.devices()[0].device_kind, "devices": mesh.devices.size, "mesh": dict(config.mesh),
         "model_layers": dit.num_layers, "width": dit.inner_dim, "latent_shape": latent_shape,
         "batch": n, "attention": dit.attention, "remat": dit.remat_policy, "compile_s": round(compile_s, 1),
+        "trace_and_lower_s": round(lower_s, 1), "fusions": program.count(" fusion("),
+        "while_loops": program.count(" while("),
         "step_s": round(seconds, 4), "tflops_per_step": {k: round(v / 1e12, 3) for k, v in flops.items()},
         **{k: round(v, 4) for k, v in utilisation(flops, 1, seconds, mesh.devices.size, peak_flops()).items()},
     }))
