@@ -1,6 +1,6 @@
 """The main job: DOLLAR end to end on the embedded default, with REPORT.md at the end.
 
-    python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 17-21 min, 2 CPU cores
+    python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 17-22 min, 2 CPU cores
     python -m dollar_jax.main --config=configs/demo.py:quick --workdir=/tmp/dollar_quick   # ~3 min: smoke
     python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds: +22 min
     python -m dollar_jax.main --config=configs/demo.py:flow --workdir=/tmp/dollar_demo_flow  # Wan's teacher kind
