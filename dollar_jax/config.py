@@ -29,7 +29,9 @@ def _dit_defaults(preset: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def optimizer(**overrides) -> ml_collections.ConfigDict:
-    """An optimiser section: AdamW, linear warm-up, then cosine/linear decay (or constant), global-norm clip."""
+    """An optimiser section: AdamW, linear warm-up, then cosine/linear decay (or constant), global-norm clip.
+    name: "adamw", "adam", "sgd", or "muon" (a DiT's block matrices by Muon, the rest by Nesterov Adam with b1, b2;
+    train/optim.py)."""
     c = dict(name="adamw", learning_rate=1e-3, warmup_steps=0, decay="cosine", final_lr_fraction=0.1,
              b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
              # Adam's stored moments: "bfloat16" halves optimiser memory (the update is still computed in fp32).

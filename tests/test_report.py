@@ -133,10 +133,14 @@ def test_flow_variant_is_the_default_with_wans_teacher_and_says_so():
     assert teacher_kind(flow) == ("rectified flow, flow prediction, timesteps shifted by 3 (Wan2.1's), trained on "
                                   "logit-normal timesteps (mean -1, std 1)")
     assert teacher_kind(default) == "VP (scaled_linear betas), conjugate_v prediction"
-    # The teachers' training differs in the timestep density alone (the flow teacher's uniform draws, shifted,
-    # left shape unlearnt).
+    # The teachers' training differs in the timestep density (the flow teacher's uniform draws, shifted, left shape
+    # unlearnt) and in the optimiser and steps each kind was measured with (the default: Muon, 1200; flow: AdamW,
+    # 2000, run K); the rest of the optimiser section is the same.
     teachers = default.teacher.to_dict(), _demo_config("flow").teacher.to_dict()
-    assert {k for k in teachers[0] if teachers[0][k] != teachers[1][k]} == {"timesteps", "logit_mean"}
+    assert {k for k in teachers[0] if teachers[0][k] != teachers[1][k]} == {"timesteps", "logit_mean", "steps", "optim"}
+    assert (teachers[0]["steps"], teachers[0]["optim"]["name"], teachers[1]["steps"], teachers[1]["optim"]["name"]) == \
+        (1200, "muon", 2000, "adamw")
+    assert {k for k in teachers[0]["optim"] if teachers[0]["optim"][k] != teachers[1]["optim"][k]} == {"name"}
     # Everything the two teachers share stays the same: the reports then differ in the parameterisation alone.
     for section in ("sampling", "distill", "reward", "world"):
         assert default[section].to_dict() == _demo_config("flow")[section].to_dict(), section

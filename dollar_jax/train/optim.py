@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
 DECAYS = ("cosine", "constant", "linear")
 MOMENT_DTYPES = ("float32", "bfloat16")
 
@@ -98,7 +98,44 @@ def make_optimizer(c, total_steps: int) -> tuple[optax.GradientTransformation, o
         adam = scale_by_lean_adam(c.b1, c.b2, c.eps, c.moment_dtype, c.drop_zero_first_moment)
         decay = [optax.add_decayed_weights(c.weight_decay)] if c.name == "adamw" else []
         core = optax.chain(adam, *decay, optax.scale_by_learning_rate(lr))
+    elif c.name == "muon":
+        core = muon(lr, c)
     else:
         core = optax.sgd(lr)
     chain = [clip_by_global_norm(c.grad_clip)] if c.grad_clip and c.grad_clip > 0 else []
     return optax.chain(*chain, core), lr
+
+
+def _muon_dims(params):
+    """Which leaves Muon orthogonalises: the transformer blocks' weight matrices, stacked [layers, in, out] (the
+    layers axis is a batch axis: each layer's matrix on its own). Everything else (the patch embedding, the
+    condition embedder, the output head, biases, norms, modulation tables) takes Nesterov Adam, as Muon's authors
+    prescribe for embeddings, heads and vectors. A tree without such matrices is an error, not a silent Adam."""
+    from optax.contrib import MuonDimensionNumbers
+
+    found = []
+
+    def spec(path, leaf):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if "blocks" in names and "kernel" in names and leaf.ndim == 3:
+            found.append(names)
+            return MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+        return None
+
+    dims = jax.tree_util.tree_map_with_path(spec, params)
+    if not found:
+        raise ValueError("optimizer name 'muon' needs a DiT's stacked block kernels ([layers, in, out] under "
+                         "'blocks'); this model has none: use 'adamw'")
+    return dims
+
+
+def muon(lr, c) -> optax.GradientTransformation:
+    """Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps) on the block matrices, Nesterov Adam(c.b1, c.b2) on
+    the rest, one learning rate for both: consistent_rms=0.2 scales Muon's updates to AdamW's RMS (Liu et al.,
+    2025), so a rate tuned for AdamW carries over."""
+    from optax.contrib import muon as optax_muon
+
+    wd = float(c.weight_decay)
+    return optax_muon(lr, beta=0.95, weight_decay=wd, adam_b1=float(c.b1), adam_b2=float(c.b2),
+                      adam_weight_decay=wd, eps=float(c.eps), mu_dtype=jnp.dtype(c.moment_dtype),
+                      muon_weight_dimension_numbers=_muon_dims, consistent_rms=0.2)
