@@ -1,6 +1,6 @@
 """The main job: DOLLAR end to end on the embedded default, with REPORT.md at the end.
 
-    python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 17-22 min, 2 CPU cores
+    python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 15-21 min, 2 CPU cores
     python -m dollar_jax.main --config=configs/demo.py:quick --workdir=/tmp/dollar_quick   # ~3 min: smoke
     python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds: +22 min
     python -m dollar_jax.main --config=configs/demo.py:flow --workdir=/tmp/dollar_demo_flow  # Wan's teacher kind
@@ -32,18 +32,20 @@ def get_config(arg: str | None = None):
     # Budgets measured on 2 CPU cores (BENCHMARKS.md, "The main job"): 23.8 min (run F, 2026-11-24) with a
     # 3000-step teacher at learning rate 2e-3 and 200-step students; 21.3 min (run G, the same day, on a VM
     # running 1.2-1.5x slower per step than for run F) with the settings below, all stages one after another;
-    # 17.6-19.2 min (runs I and J) with stages side by side (config.demo.side_by_side below).
+    # 17.6-19.2 min (runs I and J) with stages side by side (config.demo.side_by_side below), 21.7 min (run M) on
+    # a slower day; 15.0 min (run N, 2026-11-25) with the Muon teacher below, on the VM at its fastest that day.
     # The teacher: the world's shape and direction are learned late (BENCHMARKS.md, "Where the teacher falls
     # short"). AdamW at 6e-3 (200 warm-up steps) reads every factor back >= 0.9 after 2000 steps (validation loss
     # 0.161); Muon on the block matrices (Adam on the rest, the same rate) gets there in 1200 (0.164; seen all four
-    # 0.945, held out 0.875 against AdamW's 0.977 and 0.792; BENCHMARKS.md, "Muon").
+    # 0.945, held out 0.875 against AdamW's 0.977 and 0.792; BENCHMARKS.md, "Where the teacher falls short").
     c.teacher.update(dict(steps=1200, ema_decay=0.995))
     c.teacher.optim.update(dict(name="muon", learning_rate=6e-3, warmup_steps=200))
     c.demo.teacher_eval_every = 300  # the teacher's per-factor learning curve in REPORT.md
     # "reuse" keeps the main job closer to its 15-minute budget on 2 cores: fresh fake-score samples (the
     # DMD2 choice, the default elsewhere) cost 35% more per distillation step here (measured, BENCHMARKS.md).
     # 120 steps, at 60% of the students' cost: every claim run F reproduced at 200 is reproduced (run G); over
-    # three seeds (:paper) matching the stronger teacher on held-out prompts is inconclusive (BENCHMARKS.md).
+    # three seeds (:paper) matching the stronger teacher on held-out prompts was inconclusive with the
+    # AdamW teacher (BENCHMARKS.md; not re-run with Muon's).
     c.distill.update(dict(steps=120, batch_size=16, fake_samples="reuse"))
     # Sharpness has headroom on the world (data 0.60, 4-step samples about 0.40); vividness saturates
     # at 0.94 and leaves the latent reward nothing to raise.
@@ -78,7 +80,7 @@ def get_config(arg: str | None = None):
         # mean -1 (median 0.52 after the shift) read every factor >= 0.99 (BENCHMARKS.md, "The :flow variant").
         c.teacher.update(dict(timesteps="logit_normal", logit_mean=-1.0, logit_std=1.0))
         # AdamW for 2000 steps, as measured in run K (every factor >= 0.99): Muon's 1200 steps read this teacher's
-        # direction back at 0.914 only (BENCHMARKS.md, "Muon").
+        # direction back at 0.914 only (BENCHMARKS.md, "Where the teacher falls short").
         c.teacher.steps = 2000
         c.teacher.optim.name = "adamw"
         c.demo.teacher_eval_every = 500
