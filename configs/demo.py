@@ -2,7 +2,7 @@
 
     python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 15-21 min, 2 CPU cores
     python -m dollar_jax.main --config=configs/demo.py:quick --workdir=/tmp/dollar_quick   # ~3 min: smoke
-    python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds: +22 min
+    python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds: +15-22 min
     python -m dollar_jax.main --config=configs/demo.py:flow --workdir=/tmp/dollar_demo_flow  # Wan's teacher kind
     variants (comma-separated after ':'): quick, paper (every student trained with 3 seeds: the claims' SE
     then holds the seed-to-seed variation; a workdir of the default run is reused, its seed is seed 0; and the
@@ -44,8 +44,8 @@ def get_config(arg: str | None = None):
     # "reuse" keeps the main job closer to its 15-minute budget on 2 cores: fresh fake-score samples (the
     # DMD2 choice, the default elsewhere) cost 35% more per distillation step here (measured, BENCHMARKS.md).
     # 120 steps, at 60% of the students' cost: every claim run F reproduced at 200 is reproduced (run G); over
-    # three seeds (:paper) matching the stronger teacher on held-out prompts was inconclusive with the
-    # AdamW teacher (BENCHMARKS.md; not re-run with Muon's).
+    # three seeds (:paper, run N) VSD+CD matches the Muon teacher on held-out prompts too, and VSD+CD+LRM
+    # there is inconclusive (-0.012 +- 0.021; BENCHMARKS.md).
     c.distill.update(dict(steps=120, batch_size=16, fake_samples="reuse"))
     # Sharpness has headroom on the world (data 0.60, 4-step samples about 0.40); vividness saturates
     # at 0.94 and leaves the latent reward nothing to raise.
