@@ -21,10 +21,10 @@ def test_block_matrices_are_orthogonalised_per_layer_and_the_rest_takes_adam():
     params = nnx.split(WanDiT(dit_config(config_from_file("configs/demo.py:quick")), rngs=nnx.Rngs(0)), nnx.Param)[1]
     rng = np.random.default_rng(0)
 
-    def gradient(p):  # rank one plus a little noise: condition numbers in the hundreds
+    def gradient(p):  # matrices: rank one plus a little noise (condition numbers in the hundreds)
         shape = p.shape
-        u, v = rng.standard_normal(shape[:-1] + (1,)), rng.standard_normal(shape[:-2] + (1, shape[-1])) if \
-            len(shape) > 1 else 1.0
+        u = rng.standard_normal(shape[:-1] + (1,))
+        v = rng.standard_normal(shape[:-2] + (1, shape[-1])) if len(shape) > 1 else 1.0  # vectors: u alone
         return jnp.asarray(u * v + 3e-2 * rng.standard_normal(shape), jnp.float32)
 
     grads = jax.tree.map(gradient, params)

@@ -113,17 +113,14 @@ def _muon_dims(params):
     prescribe for embeddings, heads and vectors. A tree without such matrices is an error, not a silent Adam."""
     from optax.contrib import MuonDimensionNumbers
 
-    found = []
-
     def spec(path, leaf):
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
         if "blocks" in names and "kernel" in names and leaf.ndim == 3:
-            found.append(names)
             return MuonDimensionNumbers(reduction_axis=1, output_axis=2)
         return None
 
     dims = jax.tree_util.tree_map_with_path(spec, params)
-    if not found:
+    if not jax.tree.leaves(dims):  # None is an empty subtree: no leaf means no block matrix
         raise ValueError("optimizer name 'muon' needs a DiT's stacked block kernels ([layers, in, out] under "
                          "'blocks'); this model has none: use 'adamw'")
     return dims
