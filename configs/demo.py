@@ -2,11 +2,13 @@
 
     python -m dollar_jax.main --config=configs/demo.py --workdir=/tmp/dollar_demo          # 15-21 min, 2 CPU cores
     python -m dollar_jax.main --config=configs/demo.py:quick --workdir=/tmp/dollar_quick   # ~3 min: smoke
-    python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # + 2 more seeds: +15-22 min
+    python -m dollar_jax.main --config=configs/demo.py:paper --workdir=/tmp/dollar_demo    # everything: see below
     python -m dollar_jax.main --config=configs/demo.py:flow --workdir=/tmp/dollar_demo_flow  # Wan's teacher kind
-    variants (comma-separated after ':'): quick, paper (every student trained with 3 seeds: the claims' SE
-    then holds the seed-to-seed variation; a workdir of the default run is reused, its seed is seed 0; and the
-    LRM against the pixel path and a policy gradient, config.demo.reward_baselines),
+    variants (comma-separated after ':'): quick, paper (all of issue 14's evidence in one REPORT.md: every
+    student trained with 3 seeds, so that the claims' SE holds the seed-to-seed variation; the LRM against the
+    pixel path and a policy gradient, config.demo.reward_baselines; the flow teacher's section, a second demo in
+    <workdir>/flow on the same data, config.demo.flow_section; and the reward fine-tuning memory curve,
+    config.demo.reward_memory; a workdir of the default run is reused, its seed is seed 0),
     flow (the teacher in Wan2.1's parameterisation: rectified flow, velocity prediction, timesteps shifted by 3,
     trained on logit-normal timesteps; everything else as the default, so its REPORT.md is the same ablation and
     claims on the stand-in for a real Wan teacher; use its own workdir, or pass the default run's data,
@@ -17,9 +19,25 @@ Stages: videos -> autoencoder -> latents -> evaluation encoder -> teacher (VP, c
 DDIM + CFG) -> three 4-step students (VSD; VSD + CD; VSD + CD + latent reward) -> evaluation -> report.
 """
 
+import ml_collections
+
 from dollar_jax.config import base_config, embedded_world, variant_flags
 
 VARIANTS = ("quick", "paper", "flow")
+
+# Wan2.1's parameterisation (what the converter records for a real Wan teacher): the :flow variant's teacher, and
+# the teacher of :paper's flow section. The student grid, the VSD and fake-score timesteps and the samplers all go
+# through the shift. Guidance stays as the default's, so that the two teachers' reports differ in the
+# parameterisation alone.
+# - The shift puts 75% of uniform training draws above noise level 0.5 (median 0.75), where this world's shapes
+#   are not decided yet: that teacher read shape 0.72 after 2,000 steps. Logit-normal draws with mean -1 (median
+#   0.52 after the shift) read every factor >= 0.99 (BENCHMARKS.md, "The :flow variant").
+# - AdamW for 2000 steps, as measured in run K (every factor >= 0.99): Muon's 1200 steps read this teacher's
+#   direction back at 0.914 only (BENCHMARKS.md, "Where the teacher falls short").
+FLOW = {"diffusion": {"schedule": "flow", "prediction_type": "flow", "flow_shift": 3.0},
+        "teacher": {"timesteps": "logit_normal", "logit_mean": -1.0, "logit_std": 1.0, "steps": 2000,
+                    "optim": {"name": "adamw"}},
+        "demo": {"teacher_eval_every": 500}}
 
 
 def get_config(arg: str | None = None):
@@ -70,20 +88,16 @@ def get_config(arg: str | None = None):
         # The LRM against its alternatives at equal steps: a differentiable reward with the pixel path and a
         # policy gradient beside it, and a non-differentiable one where only the policy gradient competes.
         c.demo.reward_baselines = "sharpness:lrm,pixel,pg;jpeg_compressibility:lrm,pg"
+        # The paper's memory argument: one reward fine-tuning generator step through the LRM against the pixel path
+        # (Wan's VAE decoder + a ViT-B/16) at 8..128 frames, 480 x 832, from the compiler's memory analysis.
+        c.demo.reward_memory.enabled = True
     if "flow" in flags:
-        # Wan2.1's parameterisation (what the converter records for a real Wan teacher). The student grid, the
-        # VSD and fake-score timesteps and the samplers all go through the shift. Guidance stays as above, so
-        # that the two teachers' reports differ in the parameterisation alone.
-        c.diffusion.update(dict(schedule="flow", prediction_type="flow", flow_shift=3.0))
-        # The shift puts 75% of uniform training draws above noise level 0.5 (median 0.75), where this world's
-        # shapes are not decided yet: that teacher read shape 0.72 after 2,000 steps. Logit-normal draws with
-        # mean -1 (median 0.52 after the shift) read every factor >= 0.99 (BENCHMARKS.md, "The :flow variant").
-        c.teacher.update(dict(timesteps="logit_normal", logit_mean=-1.0, logit_std=1.0))
-        # AdamW for 2000 steps, as measured in run K (every factor >= 0.99): Muon's 1200 steps read this teacher's
-        # direction back at 0.914 only (BENCHMARKS.md, "Where the teacher falls short").
-        c.teacher.steps = 2000
-        c.teacher.optim.name = "adamw"
-        c.demo.teacher_eval_every = 500
+        c.update(FLOW)  # ConfigDict.update merges nested sections
+    elif "paper" in flags:
+        # The flow teacher's section (issue 14, item 4), one seed, on this run's data, autoencoder and evaluation
+        # encoder, with the default's speed table (one video, 7 runs).
+        c.demo.flow_section = ml_collections.ConfigDict(FLOW)
+        c.demo.flow_section.demo.update(dict(speed_repeats=7, speed_batches=(1,)))
     if quick:
         c.world_encoder.steps = 25  # smoke: features for the metrics, not a trained encoder
         c.teacher.update(dict(steps=150, batch_size=16, ema_decay=0.99))
@@ -96,4 +110,9 @@ def get_config(arg: str | None = None):
         c.checkpoint.every_steps = 50
         c.log_every_steps = 5
         c.world.held_out_combinations = 4
+        if len(c.demo.flow_section):  # :paper,quick: the flow section's teacher as quick as the main one
+            c.demo.flow_section.teacher.steps = c.teacher.steps
+            c.demo.flow_section.demo.update(dict(teacher_eval_every=c.demo.teacher_eval_every,
+                                                 speed_repeats=c.demo.speed_repeats))
+        c.demo.reward_memory.update(dict(frames=(8,), height=32, width=32, tiny=True))
     return c

@@ -257,7 +257,18 @@ def base_config() -> ml_collections.ConfigDict:
                                             # stages that do not need each other's output (the students; the
                                             # evaluation encoder and the teacher) run side by side in up to this
                                             # many processes (jobs/side_by_side.py); 1: here, one after another
-                                            side_by_side=1))
+                                            side_by_side=1,
+                                            # a second demo in <workdir>/flow with the teacher given by these
+                                            # overrides (configs/demo.py's FLOW), on this run's data, autoencoder
+                                            # and evaluation encoder, one seed: REPORT.md's flow-teacher section
+                                            flow_section=ml_collections.ConfigDict(),
+                                            # REPORT.md's reward fine-tuning memory curve: one generator step
+                                            # through the LRM vs the pixel path (Wan's VAE decoder + ViT-B/16)
+                                            # at these frames and size, compiled (eval/reward_memory.py); each
+                                            # row a child process, over timeout seconds: "not measured"
+                                            reward_memory=ml_collections.ConfigDict(dict(
+                                                enabled=False, frames=(8, 16, 32, 64, 128), height=480, width=832,
+                                                tiny=False, timeout=900.0))))
 
     # How REPORT.md judges the paper's claims (eval/report.py: verdict). Fixed here, before any run: a student
     # "matches the teacher" when its adherence is at most this much below the teacher's at two standard errors.

@@ -1,8 +1,8 @@
 """FLOPs accounting against XLA's own count, MFU arithmetic, and the memory planner on 8 virtual devices."""
 
 import importlib.util
+import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -142,18 +142,11 @@ def test_planner_compiles_for_a_tpu_topology_with_xla_tpu():
     assert plan["hardware_tflops_per_device_step"] > plan["model_tflops_per_device_step"] > 0
 
 
-def _reward_memory():
-    spec = importlib.util.spec_from_file_location("reward_memory", os.path.join(ROOT, "benchmarks", "reward_memory.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_reward_memory_benchmark_compiles_both_generator_steps():
-    # benchmarks/reward_memory.py at tiny sizes (8 frames at 32 x 32, a 2-level decoder, a 1-layer ViT):
-    # both generator steps compile, and the pixel path's temporaries exceed the LRM path's.
-    bench = _reward_memory()
+    # benchmarks/reward_memory.py's measurement at tiny sizes (8 frames at 32 x 32, a 2-level decoder, a 1-layer
+    # ViT): both generator steps compile, and the pixel path's temporaries exceed the LRM path's.
+    from dollar_jax.eval import reward_memory as bench
+
     rows = {path: bench.measure(path, 8, 32, 32, tiny=True, compiler_options=bench.FAST_COMPILE)
             for path in bench.PATHS}
     for row in rows.values():
@@ -164,6 +157,22 @@ def test_reward_memory_benchmark_compiles_both_generator_steps():
     assert rows["lrm"]["latent_frames"] == 3 and rows["pixel"]["student_params"] == rows["lrm"]["student_params"]
     table = bench.markdown([{**r, "compiler": "XLA:CPU"} for r in rows.values()])
     assert table.count("\n") == 3 and "| pixel |" in table
+
+
+def test_reward_memory_rows_in_child_processes_and_their_files(tmp_path):
+    # What the :paper demo's "reward memory" stage and the benchmark script run: each row in a process of its own
+    # (`python -m dollar_jax.eval.reward_memory --single`), then the table, the JSON and the plot; a row that
+    # fails is recorded with its error and the command that would measure it, not dropped.
+    from dollar_jax.eval import reward_memory as bench
+
+    rows = bench.measure_rows(("student", "nothing"), [8], height=32, width=32, tiny=True, run_max_gib=0.0)
+    ok, failed = rows
+    assert ok["path"] == "student" and ok["compiler"] == "XLA:CPU" and ok["peak_bytes"] > 0 and "step_s" not in ok
+    assert "invalid choice: 'nothing'" in failed["error"] and "--single nothing --frames 8" in failed["command"]
+    table = bench.write(rows, str(tmp_path / "memory"), 32, 32)
+    assert "not measured: " in table and "| student |" in table
+    assert json.load(open(tmp_path / "memory.json"))["rows"] == rows
+    assert (tmp_path / "memory.png").stat().st_size > 0 and open(tmp_path / "memory.md").read() == table + "\n"
 
 
 def test_a_step_estimate_faster_than_the_chips_peak_is_rejected():

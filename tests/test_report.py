@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dollar_jax.config import config_from_file
-from dollar_jax.eval.report import (CLAIM_STEPS, claims, held_out_section, paired_over_seeds, protocol_section,
-                                    verdict)
+from dollar_jax.eval.report import (CLAIM_STEPS, OUTCOMES, claims, held_out_section, paired_over_seeds,
+                                    protocol_section, verdict)
 
 
 @pytest.mark.parametrize("kind, margin, cases", [
@@ -171,3 +171,72 @@ def test_curves_leave_out_panels_with_nothing_logged(tmp_path, monkeypatch):
     assert [line.get_label() for line in axes[1].get_lines()] == ["colour", "shape"]  # one line per factor logged
     assert report._plot_curves(str(tmp_path), {"teacher": str(run)}, str(tmp_path / "none.png"), ["val_loss"],
                                "t") is None
+
+
+def test_paper_variant_runs_the_flow_variant_on_its_data_with_one_seed(tmp_path):
+    from dollar_jax.config import validate
+    from dollar_jax.jobs.demo import flow_config
+    from dollar_jax.paths import Paths
+
+    paper, flow = _demo_config("paper"), _demo_config("flow")
+    assert paper.demo.reward_memory.enabled and not flow.demo.reward_memory.enabled and not len(flow.demo.flow_section)
+    workdir = str(tmp_path / "run")
+    sub = flow_config(paper, workdir)
+    validate(sub)
+    # The section's teacher and students are the :flow variant's, setting for setting ...
+    for section in ("diffusion", "model", "teacher", "distill", "sampling", "reward", "world", "world_encoder"):
+        want, got = flow[section].to_dict(), sub[section].to_dict()
+        want.pop("dir", None), got.pop("dir", None)
+        want.pop("teacher", None), got.pop("teacher", None)
+        assert got == want, section
+    # ... on the main run's data, autoencoder and evaluation encoder, its own teacher, one seed and no extras.
+    main, own = Paths.of(paper, workdir), Paths.of(sub, str(tmp_path / "run" / "flow"))
+    assert (own.data, own.autoencoder, own.world_encoder(sub)) == (main.data, main.autoencoder,
+                                                                  main.world_encoder(paper))
+    assert own.teacher == str(tmp_path / "run" / "flow" / "teacher")
+    assert tuple(sub.demo.distill_seeds) == (0,) and sub.demo.reward_baselines == "" and sub.demo.variant == "flow"
+    assert not len(sub.demo.flow_section) and not sub.demo.reward_memory.enabled
+    assert (sub.demo.speed_repeats, tuple(sub.demo.speed_batches)) == (7, (1,))  # the default's speed table
+    quick = flow_config(_demo_config("paper,quick"), workdir)  # the smoke run's flow teacher is as short as its own
+    assert (quick.teacher.steps, quick.demo.variant) == (_demo_config("quick").teacher.steps, "quick,flow")
+    assert tuple(_demo_config("paper,quick").demo.reward_memory.frames) == (8,)
+
+
+def _memory_row(path, frames, peak_gib):
+    gib = 2.0**30
+    return {"compiler": "XLA:CPU", "path": path, "frames": frames, "latent_frames": 1 + frames // 4,
+            "decoded_frames": 1 + frames, "argument_bytes": 0.1 * gib, "output_bytes": 1024.0,
+            "temp_bytes": peak_gib * gib - 0.1 * gib - 1024.0, "alias_bytes": 0.0, "peak_bytes": peak_gib * gib,
+            "compile_s": 1.0, "height": 480, "width": 832, "dtype": "float32"}
+
+
+def test_report_holds_the_flow_section_and_the_memory_curve(tmp_path):
+    from dollar_jax.eval.report import flow_section, reward_memory_section, write_report
+
+    rng = np.random.default_rng(2)
+    teacher = rng.uniform(0.6, 0.9, 8)
+    flow = {"quality": [{"name": "data", "adherence": {}}, _row("teacher", 50, teacher, held=teacher[:4])]
+            + [_row(m, s, teacher - 0.01 * (s == 1), 0, held=teacher[:4]) for m in ("VSD", "VSD+CD", "VSD+CD+LRM")
+               for s in (4, 1)],
+            "distill_seeds": [0], "non_inferiority_margin": 0.05, "reward_name": "sharpness",
+            "teacher_parameterisation": "rectified flow, flow prediction, timesteps shifted by 3 (Wan2.1's)"}
+    memory = [_memory_row("student", f, 0.1 * f / 8) for f in (8, 128)] + [
+        _memory_row("lrm", f, 0.1 * f / 8 + 0.004) for f in (8, 128)] + [
+        _memory_row("pixel", 8, 113.0), {"compiler": "XLA:CPU", "path": "pixel", "frames": 128, "latent_frames": 33,
+                                         "decoded_frames": 129, "error": "over 900 s"}]
+    text = "\n".join(flow_section({"flow_section": flow}) + reward_memory_section({"reward_memory": memory}))
+    assert "## The flow-matching teacher (Wan2.1's parameterisation)" in text and "shifted by 3" in text
+    assert "| teacher (50 steps) |" in text and "| VSD+CD+LRM (4 steps) |" in text  # 1-step rows: its own report
+    assert "| VSD+CD+LRM (1 steps) |" not in text and "flow/report/REPORT.md" in text
+    judged = [line for line in text.splitlines() if line.startswith("- **")]
+    assert len(judged) == 6 and all(line.split(": ")[1].split("**")[0] in OUTCOMES for line in judged), judged
+    # The pixel path at 128 frames did not finish: the sentence quotes the largest frame count measured for both.
+    assert "At 8 frames the pixel path needs 113.0 GiB at its peak" in text and "4.1 MiB over it" in text
+    assert "not measured: over 900 s" in text and "![peak memory vs frames](reward_memory.png)" in text
+    assert flow_section({}) == [] and reward_memory_section({}) == []
+    results = {"quality": [{"name": "data", "adherence": {}}] + flow["quality"][1:], "speed": [], "prompts": 8,
+               "samples_per_prompt": 4, "reward_name": "sharpness", "speed_repeats": 3, "device": "cpu",
+               "flow_section": flow, "reward_memory": memory}
+    report = open(write_report(str(tmp_path), results, {"teacher": str(tmp_path / "none")}, {})).read()
+    assert report.index("## Claims of the paper") < report.index("## Reward fine-tuning memory") < \
+        report.index("## The flow-matching teacher") < report.index("## Speed")

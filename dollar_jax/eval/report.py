@@ -220,6 +220,58 @@ def reward_baselines_section(results: dict) -> list[str]:
             *table(rows), ""]
 
 
+def flow_section(results: dict) -> list[str]:
+    """Markdown: the flow-matching teacher's demo (config.demo.flow_section): its teacher and 4-step students on
+    the seen and held-out prompts, and the paper's claims judged on them as above."""
+    flow = results.get("flow_section")
+    if not flow:
+        return []
+    margin = flow.get("non_inferiority_margin", results.get("non_inferiority_margin", 0.0))
+    seeds = flow.get("distill_seeds", [0])
+    shown = [r for r in flow["quality"] if r.get("model") == "teacher" or
+             (r.get("steps") == CLAIM_STEPS and r.get("seed", seeds[0]) == seeds[0])]
+    lines = ["## The flow-matching teacher (Wan2.1's parameterisation)", "",
+             f"The same ablation with a second teacher, {flow.get('teacher_parameterisation', 'flow')}, trained on "
+             f"this run's data and evaluated with this run's autoencoder and evaluation encoder on the same prompts "
+             f"and noise; its students trained as above with {len(seeds)} seed{'s' * (len(seeds) > 1)}. Its whole "
+             "report: [flow/report/REPORT.md](../flow/report/REPORT.md).", "",
+             "| model | colour | shape | direction | size | all four | held-out: mean | held-out: all four | "
+             "reward |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in shown:
+        a, h = r["adherence"], r.get("held_out", {}).get("adherence", {})
+        lines.append(f"| {r['name']} | " + " | ".join(_fmt(a.get(f)) for f in FACTORS) + f" | {_fmt(a.get('all'))} | "
+                     f"{_fmt(h.get('mean'))} | {_fmt(h.get('all'))} | {_fmt(r.get('reward'))} |")
+    lines += ["", f"Its claims (margin {margin:g}, {Z:g} standard errors):", ""]
+    lines += [f"- **{claim}: {result}** - {detail}." for claim, result, detail in claims(flow, margin)]
+    return lines + [""]
+
+
+def reward_memory_section(results: dict) -> list[str]:
+    """Markdown: the memory of one reward fine-tuning generator step through the LRM and through the pixel
+    path, frames 8..128 (config.demo.reward_memory), with the table and the plot beside REPORT.md."""
+    rows = results.get("reward_memory")
+    if not rows:
+        return []
+    from dollar_jax.eval.reward_memory import BASELINE, GIB, markdown
+
+    measured = {(r["path"], r["frames"]): r["peak_bytes"] for r in rows if "peak_bytes" in r}
+    both = sorted(f for (p, f) in measured if p == "pixel" and ("lrm", f) in measured and (BASELINE, f) in measured)
+    r0 = rows[0]
+    lines = ["## Reward fine-tuning memory: the LRM against the pixel path", "",
+             f"One reward fine-tuning generator step (batch 1, {r0['height']} x {r0['width']}, {r0['dtype']}), "
+             "compiled ahead of time and read from the compiler's memory analysis "
+             "(`dollar_jax/eval/reward_memory.py`): the student alone; the LRM path (the paper's image LRM on the "
+             "latents); the pixel path (decode with Wan2.1's VAE decoder, score every frame with a ViT-B/16, both "
+             "random and frozen, backpropagate through both). The paper: > 90 GB for the pixel path at 128 frames, "
+             "megabytes for the LRM.", ""]
+    if both:
+        f = both[-1]
+        lrm, pixel = (measured[p, f] - measured[BASELINE, f] for p in ("lrm", "pixel"))
+        lines += [f"At {f} frames the pixel path needs {measured['pixel', f] / GIB:.1f} GiB at its peak, "
+                  f"{pixel / GIB:.1f} GiB over the student alone; the LRM path {lrm / 2**20:.1f} MiB over it.", ""]
+    return lines + [markdown(rows), "", "![peak memory vs frames](reward_memory.png)", ""]
+
+
 def _variant_config(variant: str) -> str:
     return "configs/demo.py" + ("" if variant == "default" else f":{variant}")
 
@@ -263,6 +315,8 @@ def write_report(workdir: str, results: dict, runs: dict[str, str], timings: dic
         lines.append(f"- **{claim}: {result}** - {detail}.")
     lines.append("")
     lines += reward_baselines_section(results)
+    lines += reward_memory_section(results)
+    lines += flow_section(results)
 
     repeats = {s["batch"]: s.get("repeats", results["speed_repeats"]) for s in results["speed"]}
     runs_per_batch = ", ".join(f"{r} runs of {b} video{'s' * (b > 1)}" for b, r in sorted(repeats.items()))

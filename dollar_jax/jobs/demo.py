@@ -3,7 +3,10 @@
 Stages (each skipped when its output is already in the work directory, each resumable):
   videos -> autoencoder -> latents -> evaluation encoder -> teacher -> students (VSD, VSD+CD, VSD+CD+LRM)
   x config.demo.distill_seeds -> evaluation (quality + speed, results.json) -> [reward baselines: the LRM against
-  the pixel path and a policy gradient, config.demo.reward_baselines] -> report (REPORT.md, plots, grids)
+  the pixel path and a policy gradient, config.demo.reward_baselines] -> [reward memory: one reward fine-tuning
+  step through the LRM against the pixel path, compiled at 8..128 frames, config.demo.reward_memory] -> [flow
+  teacher: this whole demo again in <workdir>/flow with a teacher in Wan2.1's parameterisation on the same data,
+  config.demo.flow_section] -> report (REPORT.md, plots, grids)
 
 The seed equal to config.seed trains the runs `student_vsd`, ... as a one-seed demo always did; every other seed
 trains `<name>_seed<seed>` (stage "<model> seed <seed>") and is evaluated at the claims' step count only.
@@ -23,10 +26,11 @@ import os
 import time
 
 import jax
+import ml_collections
 
 from dollar_jax import storage
 from dollar_jax.checkpoint import model_folder_exists
-from dollar_jax.eval import reward_baselines
+from dollar_jax.eval import reward_baselines, reward_memory
 from dollar_jax.eval.report import write_report
 from dollar_jax.jobs import autoencoder, distill, precompute, side_by_side, teacher, world_data, world_encoder
 from dollar_jax.paths import Paths
@@ -220,14 +224,42 @@ def teacher_kind(config) -> str:
     return kind
 
 
+def flow_config(config, workdir: str):
+    """The demo of the flow-teacher section: `config` with config.demo.flow_section's overrides (the teacher's
+    parameterisation and training), trained with one seed on this run's data, autoencoder and evaluation encoder,
+    in <workdir>/flow, and without the extended variant's extras (baselines, memory curve, a section of its own)."""
+    paths = Paths.of(config, workdir)
+    c = config.copy_and_resolve_references()
+    c.update(config.demo.flow_section)
+    c.data.dir, c.autoencoder.dir, c.world_encoder.dir = paths.data, paths.autoencoder, paths.world_encoder(config)
+    c.teacher.dir = c.distill.teacher = ""  # its own teacher, in <workdir>/flow/teacher
+    variant = [v for v in config.demo.variant.split(",") if v not in ("default", "paper")] + ["flow"]
+    c.demo.update(dict(distill_seeds=(config.seed,), reward_baselines="", variant=",".join(variant)))
+    c.demo.flow_section = ml_collections.ConfigDict()
+    c.demo.reward_memory.enabled = False
+    return c
+
+
+def _reward_memory_rows(config, out: str) -> list[dict]:
+    """The memory curve's rows (eval/reward_memory.py: the student alone, the LRM path, the pixel path at each
+    frame count), written to <out>.json, .md and .png."""
+    m = config.demo.reward_memory
+    rows = reward_memory.measure_rows((reward_memory.BASELINE, *reward_memory.PATHS), list(m.frames), height=m.height,
+                                      width=m.width, tiny=m.tiny, timeout=m.timeout)
+    reward_memory.write(rows, out, m.height, m.width)
+    return rows
+
+
 def run(config, workdir: str) -> str:
     paths = Paths.of(config, workdir)
     students = student_runs(config)
     names = ["videos", "autoencoder", "latents", "evaluation encoder", "teacher", *(r[2] for r in students),
              "teacher evaluation", "evaluation", "report"]
     baselines = reward_baselines.parse_specs(config.demo.reward_baselines)  # a bad entry fails before any work
-    if baselines:
-        names.insert(names.index("report"), "reward baselines")
+    extras = [name for name, on in (("reward baselines", baselines),
+                                    ("reward memory", config.demo.reward_memory.enabled),
+                                    ("flow teacher", len(config.demo.flow_section))) if on]
+    names[names.index("report"):names.index("report")] = extras
     stages = Stages(paths.workdir, names)
     exists = model_folder_exists
     from dollar_jax.data import arrays_dataset
@@ -287,6 +319,23 @@ def run(config, workdir: str) -> str:
         results["reward_baselines"] = stages.run(
             "reward baselines", lambda: storage.read_json(path) if done else reward_baselines.run_for_demo(
                 config, workdir, student_config(config, "VSD+CD").distill.name, path), done)
+    if config.demo.reward_memory.enabled:
+        out = storage.join(paths.workdir, "report", "reward_memory")
+        done = storage.exists(out + ".json")
+        results["reward_memory"] = stages.run(
+            "reward memory", lambda: storage.read_json(out + ".json")["rows"] if done else _reward_memory_rows(
+                config, out), done)
+    if len(config.demo.flow_section):
+        flow_dir = storage.join(paths.workdir, "flow")
+        flow_results = storage.join(flow_dir, "report", RESULTS)
+        done = storage.exists(flow_results)
+
+        def flow_section():  # its REPORT.md and results.json in <workdir>/flow/report; the section reads the latter
+            if not done:
+                run(flow_config(config, workdir), flow_dir)
+            return storage.read_json(flow_results)
+
+        results["flow_section"] = stages.run("flow teacher", flow_section, done)
     report = stages.run("report", lambda: write_report(paths.workdir, results, runs, stages.timings), False)
     print(f"[demo] report: {report}", flush=True)
     return report
