@@ -51,7 +51,8 @@ def get_config(arg: str | None = None):
     # 3000-step teacher at learning rate 2e-3 and 200-step students; 21.3 min (run G, the same day, on a VM
     # running 1.2-1.5x slower per step than for run F) with the settings below, all stages one after another;
     # 17.6-19.2 min (runs I and J) with stages side by side (config.demo.side_by_side below), 21.7 min (run M) on
-    # a slower day; 15.0 min (run N, 2026-11-25) with the Muon teacher below, on the VM at its fastest that day.
+    # a slower day; 15.0 and 17.2 min (runs N and O, 2026-11-25) with the Muon teacher below, N on the VM at its
+    # fastest that day. 80 student steps instead of 120 saved 77 s and left two claims inconclusive (BENCHMARKS.md).
     # The teacher: the world's shape and direction are learned late (BENCHMARKS.md, "Where the teacher falls
     # short"). AdamW at 6e-3 (200 warm-up steps) reads every factor back >= 0.9 after 2000 steps (validation loss
     # 0.161); Muon on the block matrices (Adam on the rest, the same rate) gets there in 1200 (0.164; seen all four
