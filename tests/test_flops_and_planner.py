@@ -159,12 +159,14 @@ def test_reward_memory_benchmark_compiles_both_generator_steps():
     assert table.count("\n") == 3 and "| pixel |" in table
 
 
-def test_reward_memory_rows_in_child_processes_and_their_files(tmp_path):
+def test_reward_memory_rows_in_child_processes_and_their_files(tmp_path, monkeypatch):
     # What the :paper demo's "reward memory" stage and the benchmark script run: each row in a process of its own
-    # (`python -m dollar_jax.eval.reward_memory --single`), then the table, the JSON and the plot; a row that
-    # fails is recorded with its error and the command that would measure it, not dropped.
+    # (`python -m dollar_jax.eval.reward_memory --single`) on JAX's CPU backend whatever the parent's platform
+    # (here one that does not exist), then the table, the JSON and the plot; a row that fails is recorded with its
+    # error and the command that would measure it, not dropped.
     from dollar_jax.eval import reward_memory as bench
 
+    monkeypatch.setenv("JAX_PLATFORMS", "no_such_platform")
     rows = bench.measure_rows(("student", "nothing"), [8], height=32, width=32, tiny=True, run_max_gib=0.0)
     ok, failed = rows
     assert ok["path"] == "student" and ok["compiler"] == "XLA:CPU" and ok["peak_bytes"] > 0 and "step_s" not in ok

@@ -342,14 +342,17 @@ def measure_rows(paths, frames, *, height: int = 480, width: int = 832, dtype: s
                  timeout: float = 600.0) -> list[dict]:
     """Every (frames, path) row, each compiled (and maybe run) in a child process of its own, so that one row's
     compile cannot take the others' memory with it and a row over `timeout` seconds is recorded as not measured,
-    with the command that would measure it."""
+    with the command that would measure it. The children run on JAX's CPU backend whatever this process uses: the
+    rows are XLA:CPU's (XLA:TPU's for a topology, compiled from the CPU backend too), as their compiler column says,
+    and a child never waits for an accelerator its parent holds."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     rows = []
     for f in frames:
         for path in paths:
             cmd = _child_command(path, f, height, width, dtype, topology, tiny, run_max_gib, iters)
             t0 = time.perf_counter()
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
                 if done.returncode:
                     tail = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
                     row = {"path": path, "frames": f, "error": tail[:200]}
