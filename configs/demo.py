@@ -13,7 +13,8 @@
     trained on logit-normal timesteps; everything else as the default, so its REPORT.md is the same ablation and
     claims on the stand-in for a real Wan teacher; use its own workdir, or pass the default run's data,
     autoencoder and evaluation encoder
-    with --config.data.dir, --config.autoencoder.dir, --config.world_encoder.dir to skip rebuilding them)
+    with --config.data.dir, --config.autoencoder.dir, --config.world_encoder.dir to skip rebuilding them;
+    :paper,flow is :paper with the flow teacher as the main one, and so without a second teacher's section)
 
 Stages: videos -> autoencoder -> latents -> evaluation encoder -> teacher (VP, conjugate velocity, 50-step
 DDIM + CFG) -> three 4-step students (VSD; VSD + CD; VSD + CD + latent reward) -> evaluation -> report.

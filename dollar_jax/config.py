@@ -264,11 +264,13 @@ def base_config() -> ml_collections.ConfigDict:
                                             flow_section=ml_collections.ConfigDict(),
                                             # REPORT.md's reward fine-tuning memory curve: one generator step
                                             # through the LRM vs the pixel path (Wan's VAE decoder + ViT-B/16)
-                                            # at these frames and size, compiled (eval/reward_memory.py); each
-                                            # row a child process, over timeout seconds: "not measured"
+                                            # at these frames and size, compiled (eval/reward_memory.py) and run
+                                            # for its step time where its peak is at most run_max_gib; each row a
+                                            # child process on the CPU, over timeout seconds: "not measured";
+                                            # tiny: small stand-ins of the decoder and the ViT (smoke runs)
                                             reward_memory=ml_collections.ConfigDict(dict(
                                                 enabled=False, frames=(8, 16, 32, 64, 128), height=480, width=832,
-                                                tiny=False, timeout=900.0))))
+                                                tiny=False, timeout=900.0, run_max_gib=8.0))))
 
     # How REPORT.md judges the paper's claims (eval/report.py: verdict). Fixed here, before any run: a student
     # "matches the teacher" when its adherence is at most this much below the teacher's at two standard errors.

@@ -78,3 +78,63 @@ def test_rerun_skips_finished_stages_and_reproduces_the_numbers(demo_run, capsys
         assert f"{stage} (already done)" in out
     after = json.load(open(results_path))["quality"]
     assert after == before
+
+
+def test_paper_extras_run_after_the_evaluation_resume_and_reach_the_report(tmp_path, monkeypatch, capsys):
+    """`:paper`'s last stages on a finished run (every model folder and dataset there; the evaluation, the memory
+    rows and the flow section's demo stand-ins): the evaluation is stored before them, so a run stopped in the flow
+    section resumes without evaluating or measuring again; a changed memory setting measures again."""
+    import numpy as np
+    from test_report import _memory_row, _row
+
+    from dollar_jax.data import arrays_dataset
+    from dollar_jax.eval import reward_memory
+
+    c = config_from_file("configs/demo.py:paper,quick")
+    c.demo.reward_baselines = ""  # its stage is exercised by tests/test_reward_baselines.py
+    workdir, teacher = str(tmp_path), np.linspace(0.6, 0.9, 8)
+    quality = [{"name": "data", "adherence": {}}, _row("teacher", 50, teacher, held=teacher[:4])] + [
+        _row(m, 4, teacher, s, held=teacher[:4]) for s in (0, 1, 2) for m in ("VSD", "VSD+CD", "VSD+CD+LRM")]
+    results = {"quality": quality, "speed": [], "prompts": 8, "samples_per_prompt": 4, "reward_name": "sharpness",
+               "speed_repeats": 3, "device": "cpu", "distill_seeds": [0, 1, 2], "held_out_prompts": []}
+    calls = {"evaluate": 0, "memory": [], "flow": 0}
+    monkeypatch.setattr(demo, "model_folder_exists", lambda path: True)
+    monkeypatch.setattr(arrays_dataset, "exists", lambda *args: True)
+    monkeypatch.setattr(demo, "evaluate_rows", lambda *args: {})
+    for job in (demo.world_data, demo.autoencoder, demo.precompute):  # done stages call them; they would return
+        monkeypatch.setattr(job, "build_videos" if job is demo.world_data else "run", lambda *args: None)
+
+    def evaluate(*args):
+        calls["evaluate"] += 1
+        return json.loads(json.dumps(results))
+
+    def measure_rows(paths, frames, **kwargs):
+        calls["memory"].append(list(frames))
+        return [_memory_row(p, f, 0.1 * f + (p == "lrm") * 0.01 + (p == "pixel") * 100) | {"tiny": kwargs["tiny"]}
+                for f in frames for p in paths]
+
+    def flow_section(config, main_workdir, flow_dir):
+        calls["flow"] += 1
+        assert flow_dir == os.path.join(workdir, "flow") and config.demo.variant == "paper,quick"
+        if calls["flow"] == 1:
+            raise RuntimeError("stopped in the flow section")
+        os.makedirs(os.path.join(flow_dir, "report"))
+        with open(os.path.join(flow_dir, "report", "results.json"), "w") as f:
+            json.dump(results | {"distill_seeds": [0], "teacher_parameterisation": "rectified flow"}, f)
+
+    monkeypatch.setattr(demo, "evaluate", evaluate)
+    monkeypatch.setattr(reward_memory, "measure_rows", measure_rows)
+    monkeypatch.setattr(demo, "_run_flow_section", flow_section)
+    with pytest.raises(RuntimeError, match="flow section"):
+        demo.run(c, workdir)
+    assert os.path.exists(os.path.join(workdir, "report", "results.json"))  # the evaluation, kept before the extras
+    assert os.path.exists(os.path.join(workdir, "report", "reward_memory.png"))
+    report = open(demo.run(c, workdir)).read()
+    out = capsys.readouterr().out
+    assert calls == {"evaluate": 1, "memory": [[8]], "flow": 2}
+    assert "stage 17/19: reward memory (already done)" in out and "stage 18/19: flow teacher  " in out
+    assert report.index("## Reward fine-tuning memory") < report.index("## The flow-matching teacher")
+    assert "small stand-ins" in report  # :quick measures tiny networks, and the section says so
+    c.demo.reward_memory.frames = (8, 16)  # other settings than the stored rows': measured again
+    demo.run(c, workdir)
+    assert calls["memory"] == [[8], [8, 16]] and calls["evaluate"] == 1 and calls["flow"] == 2

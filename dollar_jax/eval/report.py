@@ -257,13 +257,17 @@ def reward_memory_section(results: dict) -> list[str]:
     measured = {(r["path"], r["frames"]): r["peak_bytes"] for r in rows if "peak_bytes" in r}
     both = sorted(f for (p, f) in measured if p == "pixel" and ("lrm", f) in measured and (BASELINE, f) in measured)
     r0 = rows[0]
+    networks = ("small stand-ins of Wan2.1's VAE decoder and of a ViT (`tiny`: a smoke run, not the paper's sizes)"
+                if r0.get("tiny") else "Wan2.1's VAE decoder and a ViT-B/16 at their real sizes")
     lines = ["## Reward fine-tuning memory: the LRM against the pixel path", "",
              f"One reward fine-tuning generator step (batch 1, {r0['height']} x {r0['width']}, {r0['dtype']}), "
              "compiled ahead of time and read from the compiler's memory analysis "
-             "(`dollar_jax/eval/reward_memory.py`): the student alone; the LRM path (the paper's image LRM on the "
-             "latents); the pixel path (decode with Wan2.1's VAE decoder, score every frame with a ViT-B/16, both "
-             "random and frozen, backpropagate through both). The paper: > 90 GB for the pixel path at 128 frames, "
-             "megabytes for the LRM.", ""]
+             "(`dollar_jax/eval/reward_memory.py`): the student alone (a tiny stand-in, the same in every row); the "
+             "LRM path (the paper's image LRM on the latents); the pixel path (decode and score every frame with "
+             f"{networks}, random and frozen, and backpropagate through both, nothing rematerialised). The paper: "
+             "> 90 GB for the pixel path at 128 frames, megabytes for the LRM; it does not say how it decoded "
+             "(precision, checkpointing), so the pixel path's figures here, in float32 without rematerialisation "
+             "on the compiler named in each row, bound that setting from above rather than repeat it.", ""]
     if both:
         f = both[-1]
         lrm, pixel = (measured[p, f] - measured[BASELINE, f] for p in ("lrm", "pixel"))

@@ -26,7 +26,7 @@ The LRM, VAE and ViT are frozen: their parameters are arguments (resident), neve
 Frames: `--frames F` gives 1 + F // 4 latent frames, which Wan's decoder turns into F + 1 video frames (the VAE
 decodes 1 + 4k frames; 128 -> 33 latent frames -> 129 frames). Batch 1. Each (path, frames) row is compiled
 in a child process (`--timeout` seconds, then recorded as not measured with its command); rows whose compiled
-peak is under `--run_max_gib` are also run (`--iters` timed steps after one warm-up) on the default backend.
+peak is under `--run_max_gib` are also run (`--iters` timed steps after one warm-up) on the CPU.
 Writes `<out>.json`, `<out>.md` (the table) and `<out>.png` (log-scale peak memory vs frames).
 """
 
@@ -234,6 +234,7 @@ def measure(path: str, frames: int, height: int, width: int, *, tiny: bool = Fal
     compiled = jitted.lower(*args).compile(compiler_options)
     row = {"path": path, "frames": frames, "latent_frames": latent_frames(frames),
            "decoded_frames": decoded_frames(frames, tiny), "compile_s": round(time.perf_counter() - t0, 1),
+           "compiler": compiler_name(topology), "tiny": tiny,
            "student_params": parameter_count(args[0]), "frozen_params": parameter_count(args[1]),
            **memory_summary(compiled.memory_analysis())}
     if not topology and row["peak_bytes"] / GIB <= run_max_gib:
@@ -334,7 +335,8 @@ def _child_command(path: str, frames: int, height: int, width: int, dtype: str, 
 
 
 def compiler_name(topology: str | None) -> str:
-    return f"XLA:TPU ({topology}, 1 chip)" if topology else "XLA:CPU"
+    """The compiler a row's figures come from: this process's backend, or XLA:TPU for a topology."""
+    return f"XLA:TPU ({topology}, 1 chip)" if topology else f"XLA:{jax.default_backend().upper()}"
 
 
 def measure_rows(paths, frames, *, height: int = 480, width: int = 832, dtype: str = "float32",
@@ -345,7 +347,10 @@ def measure_rows(paths, frames, *, height: int = 480, width: int = 832, dtype: s
     with the command that would measure it. The children run on JAX's CPU backend whatever this process uses: the
     rows are XLA:CPU's (XLA:TPU's for a topology, compiled from the CPU backend too), as their compiler column says,
     and a child never waits for an accelerator its parent holds."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # The children import this package from the repository, installed or not (the benchmark script's own path).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     rows = []
     for f in frames:
         for path in paths:
@@ -357,13 +362,16 @@ def measure_rows(paths, frames, *, height: int = 480, width: int = 832, dtype: s
                     tail = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
                     row = {"path": path, "frames": f, "error": tail[:200]}
                 else:
-                    row = json.loads(done.stdout.strip().splitlines()[-1])
+                    try:
+                        row = json.loads((done.stdout.strip().splitlines() or [""])[-1])
+                    except json.JSONDecodeError:
+                        row = {"path": path, "frames": f, "error": "the child printed no row"}
             except subprocess.TimeoutExpired:
                 row = {"path": path, "frames": f, "error": f"over {timeout:.0f} s"}
             row.setdefault("latent_frames", latent_frames(f))
             row.setdefault("decoded_frames", decoded_frames(f, tiny))
-            row.update(compiler=compiler_name(topology), dtype=dtype, height=height, width=width,
-                       wall_s=round(time.perf_counter() - t0, 1))
+            row.setdefault("compiler", f"XLA:TPU ({topology}, 1 chip)" if topology else "XLA:CPU")
+            row.update(dtype=dtype, height=height, width=width, tiny=tiny, wall_s=round(time.perf_counter() - t0, 1))
             if "error" in row:
                 row["command"] = " ".join(cmd[1:])
             rows.append(row)
@@ -378,11 +386,11 @@ def write(rows: list[dict], out: str, height: int, width: int) -> str:
 
     meta = {"benchmark": "reward_memory", "date": datetime.date.today().isoformat(), "host": platform.node(),
             "cpus": os.cpu_count(), "jax": jax.__version__, "height": height, "width": width}
-    storage.write_json(out + ".json", {**meta, "rows": rows}, indent=1)
     table = markdown(rows)
     storage.write_text(out + ".md", table + "\n")
     with storage.local_file(out + ".png") as local:
         plot(rows, local)
+    storage.write_json(out + ".json", {**meta, "rows": rows}, indent=1)  # last: its presence means all three exist
     return table
 
 

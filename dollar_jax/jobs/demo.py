@@ -240,14 +240,34 @@ def flow_config(config, workdir: str):
     return c
 
 
+def _memory_settings(m) -> dict:
+    """What a stored memory curve was measured with, to tell whether config.demo.reward_memory still asks for it."""
+    return {"frames": sorted(m.frames), "height": m.height, "width": m.width, "tiny": m.tiny}
+
+
 def _reward_memory_rows(config, out: str) -> list[dict]:
     """The memory curve's rows (eval/reward_memory.py: the student alone, the LRM path, the pixel path at each
-    frame count), written to <out>.json, .md and .png."""
+    frame count), written to <out>.md, .png and .json, or those stored there when measured with these settings
+    (rows over the timeout stay "not measured": delete <out>.json to measure again)."""
     m = config.demo.reward_memory
+    if storage.exists(out + ".json"):
+        stored = storage.read_json(out + ".json")
+        rows = stored["rows"]
+        if _memory_settings(m) == {"frames": sorted({r["frames"] for r in rows}), "height": stored["height"],
+                                   "width": stored["width"], "tiny": bool(rows[0].get("tiny", False))}:
+            return rows
+        print(f"[demo] {out}.json was measured with other settings than config.demo.reward_memory: measuring again",
+              flush=True)
     rows = reward_memory.measure_rows((reward_memory.BASELINE, *reward_memory.PATHS), list(m.frames), height=m.height,
-                                      width=m.width, tiny=m.tiny, timeout=m.timeout)
+                                      width=m.width, tiny=m.tiny, timeout=m.timeout, run_max_gib=m.run_max_gib)
     reward_memory.write(rows, out, m.height, m.width)
     return rows
+
+
+def _run_flow_section(config, workdir: str, flow_dir: str) -> None:
+    """The flow-teacher section's demo (flow_config) in `flow_dir`: its REPORT.md and results.json in
+    <flow_dir>/report."""
+    run(flow_config(config, workdir), flow_dir)
 
 
 def run(config, workdir: str) -> str:
@@ -306,6 +326,8 @@ def run(config, workdir: str) -> str:
         if st is not None and st.fn is train_and_evaluate:
             stages.note(name, "training, then sampling its rows of the ablation")
     results = stages.run("evaluation", lambda: cached or evaluate(config, workdir, folders, rows), cached is not None)
+    if cached is None:  # kept now, so that a run stopped in a later stage resumes without evaluating again
+        storage.write_json(results_path, results | {"timings": stages.timings}, indent=2)
     margin = results.setdefault("non_inferiority_margin", config.report.non_inferiority_margin)
     if margin != config.report.non_inferiority_margin:
         print(f"[demo] WARNING: results.json recorded non_inferiority_margin={margin} with its numbers; "
@@ -321,18 +343,16 @@ def run(config, workdir: str) -> str:
                 config, workdir, student_config(config, "VSD+CD").distill.name, path), done)
     if config.demo.reward_memory.enabled:
         out = storage.join(paths.workdir, "report", "reward_memory")
-        done = storage.exists(out + ".json")
-        results["reward_memory"] = stages.run(
-            "reward memory", lambda: storage.read_json(out + ".json")["rows"] if done else _reward_memory_rows(
-                config, out), done)
+        done = storage.exists(out + ".json")  # (_reward_memory_rows measures again if the settings changed)
+        results["reward_memory"] = stages.run("reward memory", lambda: _reward_memory_rows(config, out), done)
     if len(config.demo.flow_section):
         flow_dir = storage.join(paths.workdir, "flow")
         flow_results = storage.join(flow_dir, "report", RESULTS)
         done = storage.exists(flow_results)
 
-        def flow_section():  # its REPORT.md and results.json in <workdir>/flow/report; the section reads the latter
+        def flow_section():  # the section reads the sub-demo's results.json
             if not done:
-                run(flow_config(config, workdir), flow_dir)
+                _run_flow_section(config, workdir, flow_dir)
             return storage.read_json(flow_results)
 
         results["flow_section"] = stages.run("flow teacher", flow_section, done)
