@@ -370,7 +370,7 @@ def measure_rows(paths, frames, *, height: int = 480, width: int = 832, dtype: s
                 row = {"path": path, "frames": f, "error": f"over {timeout:.0f} s"}
             row.setdefault("latent_frames", latent_frames(f))
             row.setdefault("decoded_frames", decoded_frames(f, tiny))
-            row.setdefault("compiler", f"XLA:TPU ({topology}, 1 chip)" if topology else "XLA:CPU")
+            row.setdefault("compiler", compiler_name(topology) if topology else "XLA:CPU")  # a row that failed
             row.update(dtype=dtype, height=height, width=width, tiny=tiny, wall_s=round(time.perf_counter() - t0, 1))
             if "error" in row:
                 row["command"] = " ".join(cmd[1:])

@@ -240,24 +240,26 @@ def flow_config(config, workdir: str):
     return c
 
 
-def _memory_settings(m) -> dict:
-    """What a stored memory curve was measured with, to tell whether config.demo.reward_memory still asks for it."""
-    return {"frames": sorted(m.frames), "height": m.height, "width": m.width, "tiny": m.tiny}
+def _stored_memory_rows(config, out: str) -> list[dict] | None:
+    """The memory curve's rows stored in <out>.json when they were measured with config.demo.reward_memory's
+    frames, size and networks, else None (rows over the timeout stay "not measured": delete <out>.json to measure
+    them again)."""
+    if not storage.exists(out + ".json"):
+        return None
+    m, stored = config.demo.reward_memory, storage.read_json(out + ".json")
+    rows = stored["rows"]
+    if (sorted(m.frames), m.height, m.width, m.tiny) == (sorted({r["frames"] for r in rows}), stored["height"],
+                                                         stored["width"], bool(rows[0].get("tiny", False))):
+        return rows
+    print(f"[demo] {out}.json was measured with other settings than config.demo.reward_memory: measuring again",
+          flush=True)
+    return None
 
 
-def _reward_memory_rows(config, out: str) -> list[dict]:
+def _measure_memory_rows(config, out: str) -> list[dict]:
     """The memory curve's rows (eval/reward_memory.py: the student alone, the LRM path, the pixel path at each
-    frame count), written to <out>.md, .png and .json, or those stored there when measured with these settings
-    (rows over the timeout stay "not measured": delete <out>.json to measure again)."""
+    frame count), written to <out>.md, .png and .json."""
     m = config.demo.reward_memory
-    if storage.exists(out + ".json"):
-        stored = storage.read_json(out + ".json")
-        rows = stored["rows"]
-        if _memory_settings(m) == {"frames": sorted({r["frames"] for r in rows}), "height": stored["height"],
-                                   "width": stored["width"], "tiny": bool(rows[0].get("tiny", False))}:
-            return rows
-        print(f"[demo] {out}.json was measured with other settings than config.demo.reward_memory: measuring again",
-              flush=True)
     rows = reward_memory.measure_rows((reward_memory.BASELINE, *reward_memory.PATHS), list(m.frames), height=m.height,
                                       width=m.width, tiny=m.tiny, timeout=m.timeout, run_max_gib=m.run_max_gib)
     reward_memory.write(rows, out, m.height, m.width)
@@ -343,8 +345,10 @@ def run(config, workdir: str) -> str:
                 config, workdir, student_config(config, "VSD+CD").distill.name, path), done)
     if config.demo.reward_memory.enabled:
         out = storage.join(paths.workdir, "report", "reward_memory")
-        done = storage.exists(out + ".json")  # (_reward_memory_rows measures again if the settings changed)
-        results["reward_memory"] = stages.run("reward memory", lambda: _reward_memory_rows(config, out), done)
+        stored = _stored_memory_rows(config, out)  # one check: the stage is done when these rows serve
+        results["reward_memory"] = stages.run(
+            "reward memory", lambda: stored if stored is not None else _measure_memory_rows(config, out),
+            stored is not None)
     if len(config.demo.flow_section):
         flow_dir = storage.join(paths.workdir, "flow")
         flow_results = storage.join(flow_dir, "report", RESULTS)
