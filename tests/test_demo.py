@@ -81,6 +81,21 @@ def test_the_latent_reward_raises_the_true_reward_and_keeps_adherence(demo_run):
     assert "- **The latent reward model raises the reward: reproduced**" in open(report).read()
 
 
+def test_sample_cli_writes_videos_from_a_demo_student(demo_run, tmp_path):
+    """`python -m dollar_jax.sample`'s folder mode on a student the demo exported (no training of its own)."""
+    from dollar_jax.sample import generate_folder
+
+    _, workdir, _ = demo_run
+    out = os.path.join(workdir, demo.STUDENTS["VSD+CD"][0])
+    blob = json.load(open(os.path.join(out, "config.json")))
+    assert blob["student"]["timesteps"] == [999.0, 749.0, 499.0, 249.0]
+    report = generate_folder(out, str(tmp_path / "videos"), prompts=["a large red circle moving left"], steps=1)
+    assert report["network_evaluations"] == 1
+    assert any(f.endswith(".mp4") for f in report["files"]) and any(f.endswith(".gif") for f in report["files"])
+    with pytest.raises(ValueError, match="divisor"):
+        generate_folder(out, str(tmp_path / "v3"), prompts=["a large red circle moving left"], steps=3)
+
+
 def test_batched_speed_runs_time_about_as_many_videos_as_single_ones():
     assert [demo.speed_repeats(21, b) for b in (1, 2, 4, 16)] == [21, 10, 5, 3]
     assert demo.speed_repeats(3, 1) == 3 and demo.speed_repeats(2, 1) == 3  # never fewer than 3 runs for a median

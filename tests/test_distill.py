@@ -1,6 +1,5 @@
 """Distillation on the session's trained world: sharding, exact resume, and what the student learns."""
 
-import json
 import os
 import shutil
 
@@ -76,18 +75,3 @@ def test_student_grids_thin_the_trained_grid(world_run):
     c.distill.eval_steps = (3,)
     with pytest.raises(ValueError, match="3 steps"):
         distill_job.student_grids(c.distill)
-
-
-def test_sample_cli_writes_videos_from_a_student(world_run, tmp_path):
-    from dollar_jax.sample import generate_folder
-
-    config, workdir = world_run
-    c = distill_config(config, name="student_cli")
-    out = distill_job.run(c, workdir)
-    blob = json.load(open(os.path.join(out, "config.json")))
-    assert blob["student"]["timesteps"] == [999.0, 749.0, 499.0, 249.0]
-    report = generate_folder(out, str(tmp_path / "videos"), prompts=["a large red circle moving left"], steps=1)
-    assert report["network_evaluations"] == 1
-    assert any(f.endswith(".mp4") for f in report["files"]) and any(f.endswith(".gif") for f in report["files"])
-    with pytest.raises(ValueError, match="divisor"):
-        generate_folder(out, str(tmp_path / "v3"), prompts=["a large red circle moving left"], steps=3)
