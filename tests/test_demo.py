@@ -71,7 +71,7 @@ def test_the_latent_reward_raises_the_true_reward_and_keeps_adherence(demo_run):
     """The paper's claim end to end: fine-tuning through the LRM (labels from decoded samples, never a gradient
     through the decoder) raises the true reward of the 4-step samples over the same student without it, and costs
     little caption adherence; the report's verdict says so at its own standard error."""
-    c, workdir, report = demo_run
+    _, _, report = demo_run
     results = json.load(open(os.path.join(os.path.dirname(report), "results.json")))
     rows = {r["model"]: r for r in results["quality"] if r.get("steps") == 4 and "model" in r}
     plain, tuned = rows["VSD+CD"], rows["VSD+CD+LRM"]
