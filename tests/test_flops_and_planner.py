@@ -179,6 +179,26 @@ def test_reward_memory_rows_in_child_processes_and_their_files(tmp_path, monkeyp
     assert (tmp_path / "memory.png").stat().st_size > 0 and open(tmp_path / "memory.md").read() == table + "\n"
 
 
+def test_a_row_the_tpu_compiler_refuses_keeps_its_temporaries(tmp_path):
+    # XLA:TPU refuses a program that cannot fit one chip instead of compiling it; its message (verbatim from the
+    # pixel path at 32 frames on one v5p chip) still holds its own figure for the temporaries, which the table and
+    # the plot show as a lower bound of the peak. Any other failure stays "not measured".
+    from dollar_jax.eval import reward_memory as bench
+
+    error = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+             "HLO temporaries (283.27G) exceeds available HBM (95.74G).")
+    refused = {"compiler": "XLA:TPU (v5p:2x2x1, 1 chip)", "path": "pixel", "frames": 32, "latent_frames": 9,
+               "decoded_frames": 33, "error": error}
+    other = refused | {"frames": 64, "latent_frames": 17, "decoded_frames": 65, "error": "over 600 s"}
+    assert bench.refusal(refused) == (283.27 * 2**30, 95.74 * 2**30) and bench.refusal(other) is None
+    table = bench.markdown([refused, other])
+    assert ("| pixel | 32 (9 -> 33) | refused: more than the chip's 95.74 GiB of HBM | | 283.27 GiB "
+            "| **> 283.27 GiB** |") in table
+    assert "| 64 (17 -> 65) | not measured: over 600 s |" in table
+    bench.plot([refused, other], str(tmp_path / "refused.png"))
+    assert (tmp_path / "refused.png").stat().st_size > 0
+
+
 def test_a_step_estimate_faster_than_the_chips_peak_is_rejected():
     from dollar_jax.train.planner import judge_step_estimate
 

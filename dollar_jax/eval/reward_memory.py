@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -260,6 +261,22 @@ def _size(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
+# XLA:TPU's refusal of a program that cannot fit, with its own figures (binary units: XLA prints "283.27G" for GiB).
+_REFUSAL = re.compile(r"RESOURCE_EXHAUSTED.*?HLO temporaries \(([\d.]+)([KMGT])\) "
+                      r"exceeds available HBM \(([\d.]+)([KMGT])\)")
+_UNIT = {"K": 2.0**10, "M": 2.0**20, "G": 2.0**30, "T": 2.0**40}
+
+
+def refusal(row: dict) -> tuple[float, float] | None:
+    """(temporaries, HBM) in bytes when the compiler refused the row's program for memory, from its own message;
+    the temporaries are then XLA's figure for what the step needs beyond its arguments, a lower bound of its peak."""
+    match = _REFUSAL.search(row.get("error", ""))
+    if not match:
+        return None
+    temp, temp_unit, hbm, hbm_unit = match.groups()
+    return float(temp) * _UNIT[temp_unit], float(hbm) * _UNIT[hbm_unit]
+
+
 def markdown(rows: list[dict]) -> str:
     """The table; "over the student" is the peak minus the student-alone row's (same compiler and frames)."""
     alone = {(r["compiler"], r["frames"]): r["peak_bytes"] for r in rows if r["path"] == BASELINE and "peak_bytes" in r}
@@ -267,6 +284,12 @@ def markdown(rows: list[dict]) -> str:
              "| over the student | compile s | step s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frames = f"{r['frames']} ({r['latent_frames']} -> {r['decoded_frames']})"
+        refused = refusal(r)
+        if refused:
+            temp, hbm = map(_size, refused)
+            lines.append(f"| {r['compiler']} | {r['path']} | {frames} | refused: more than the chip's {hbm} of HBM | "
+                         f"| {temp} | **> {temp}** | | | not run |")
+            continue
         if "error" in r:
             lines.append(f"| {r['compiler']} | {r['path']} | {frames} | not measured: {r['error']} | | | | | | |")
             continue
@@ -297,6 +320,11 @@ def plot(rows: list[dict], out: str) -> None:
             if done:
                 x, y = zip(*sorted((r["frames"], r["peak_bytes"] / GIB) for r in done))
                 ax.plot(x, y, **style)
+            refused = [(r["frames"], refusal(r)[0] / GIB) for r in rows
+                       if r["compiler"] == compiler and r["path"] == path and refusal(r)]
+            if refused:  # hollow: the compiler's temporaries when it refused the program, a lower bound of the peak
+                ax.scatter(*zip(*refused), marker=marker, facecolors="none", edgecolors=color, s=60,
+                           label=f"{label}, {compiler}: refused, temporaries alone")
             over = sorted((r["frames"], (r["peak_bytes"] - alone[compiler, r["frames"]]) / GIB) for r in done
                           if path != BASELINE and (compiler, r["frames"]) in alone)
             if over:
