@@ -190,11 +190,15 @@ def test_a_row_the_tpu_compiler_refuses_keeps_its_temporaries(tmp_path):
     refused = {"compiler": "XLA:TPU (v5p:2x2x1, 1 chip)", "path": "pixel", "frames": 32, "latent_frames": 9,
                "decoded_frames": 33, "error": error}
     other = refused | {"frames": 64, "latent_frames": 17, "decoded_frames": 65, "error": "over 600 s"}
+    tera = refused | {"frames": 128, "latent_frames": 33, "decoded_frames": 129,
+                      "error": error.replace("(283.27G)", "(1.06T)")}
     assert bench.refusal(refused) == (283.27 * 2**30, 95.74 * 2**30) and bench.refusal(other) is None
-    table = bench.markdown([refused, other])
+    assert bench.refusal(tera)[0] == 1.06 * 2**40
+    table = bench.markdown([refused, other, tera])
     assert ("| pixel | 32 (9 -> 33) | refused: more than the chip's 95.74 GiB of HBM | | 283.27 GiB "
             "| **> 283.27 GiB** |") in table
     assert "| 64 (17 -> 65) | not measured: over 600 s |" in table
+    assert "| 1.06 TiB | **> 1.06 TiB** |" in table  # the compiler's own precision, not 1085.44 GiB
     bench.plot([refused, other], str(tmp_path / "refused.png"))
     assert (tmp_path / "refused.png").stat().st_size > 0
 

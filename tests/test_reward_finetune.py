@@ -1,5 +1,7 @@
 """Latent reward fine-tuning on the session's trained world: the LRM's fit, and the bookkeeping at weight 0. That the
-LRM raises the true reward is checked on the quick demo's students (tests/test_demo.py), which train that comparison."""
+LRM raises the true reward is checked on the quick demo's students (tests/test_demo.py), which train that comparison
+with the EMA and the optimiser state on the device; with them in host memory (distill_config's placement) the reward
+path runs here only at weight 0, where no L_FT step exists."""
 
 import os
 import shutil

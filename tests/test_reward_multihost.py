@@ -3,7 +3,8 @@ keeps its labeller window; the checkpoint holds both windows (the host item's pr
 replays the same steps exactly.
 
 The session's trained world is only a working prerequisite (its data, autoencoder and teacher are read, never
-written): what is tested is the multi-host bookkeeping, not quality (tests/test_reward_finetune.py covers that)."""
+written): what is tested is the multi-host bookkeeping, not quality (tests/test_demo.py's
+LRM-raises-the-reward test and tests/test_reward_finetune.py's LRM fit cover that)."""
 
 import os
 import shutil
