@@ -52,28 +52,52 @@ def _build_world(workdir: str):
     return config
 
 
-@pytest.fixture(scope="session")
-def world_run(tmp_path_factory, worker_id):
-    """(config, workdir) of an embedded world trained through the teacher, built once per test run.
-
-    Under pytest-xdist the first worker that needs it builds it (the others wait on a file lock) and every
-    worker then works on its own copy, so tests that write into the workdir never race each other.
-    """
-    from world_fixture import world_test_config
-
+def _built_once(tmp_path_factory, worker_id, name: str, build) -> str:
+    """A folder that `build(path)` makes once per test run, and this worker's own copy of it. Under pytest-xdist
+    the first worker that needs it builds it (the others wait on a file lock) and every worker then works on its
+    own copy, so tests that write into it never race each other."""
     if worker_id == "master":  # no xdist
-        workdir = str(tmp_path_factory.mktemp("world"))
-        return _build_world(workdir), workdir
+        path = str(tmp_path_factory.mktemp(name))
+        build(path)
+        return path
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp().parent  # one folder per test run, shared by its workers
-    built = shared / "world"
-    with FileLock(str(shared / "world.lock")):
-        if not (built / "teacher" / "config.json").exists():
-            _build_world(str(built))
-    workdir = str(tmp_path_factory.mktemp("world"))
-    shutil.copytree(built, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.lock"))
+    built = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / f"{name}.built").exists():
+            build(str(built))
+            (shared / f"{name}.built").write_text("")
+    path = str(tmp_path_factory.mktemp(name))
+    shutil.copytree(built, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.lock"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def world_run(tmp_path_factory, worker_id):
+    """(config, workdir) of an embedded world trained through the teacher, built once per test run."""
+    from world_fixture import world_test_config
+
+    workdir = _built_once(tmp_path_factory, worker_id, "world", _build_world)
     return world_test_config(workdir), workdir
+
+
+@pytest.fixture(scope="session")
+def distill_run(world_run, tmp_path_factory, worker_id):
+    """(config, workdir, run) of test_distill.py's 6-step distillation on the session's world (distill_config),
+    trained once per test run: the 8-device comparison, the exact resume, the health metrics and the zero-weight
+    reward test read it instead of each training it again. `run` is this worker's copy, shared by its tests: a
+    test that writes into a run copies it first."""
+    from test_distill import distill_config
+
+    from dollar_jax.jobs import distill as distill_job
+    from dollar_jax.train.loop import train
+
+    config, workdir = world_run
+    c = distill_config(config)
+    run = _built_once(tmp_path_factory, worker_id, "distill_run",
+                      lambda path: train(distill_job.make_job(c, workdir), c, path))
+    return c, workdir, run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,25 +38,22 @@ def _rows(run_dir):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
-def test_distill_step_on_8_devices_equals_one_device(world_run, tmp_path):
-    config, workdir = world_run
-    results = {}
-    for name, mesh in (("one", dict(data=1, fsdp=1, context=1, tensor=1)),
-                       ("eight", dict(data=2, fsdp=2, context=1, tensor=2))):
-        c = distill_config(config)
-        c.mesh.update(mesh)
-        train(distill_job.make_job(c, workdir), c, str(tmp_path / name))
-        results[name] = _rows(str(tmp_path / name))
+def test_distill_step_on_8_devices_equals_one_device(distill_run, tmp_path):
+    base, workdir, one_run = distill_run  # the shared run, on one device
+    assert base.mesh.to_dict() == dict(data=1, fsdp=1, context=1, tensor=1)
+    c = base.copy_and_resolve_references()
+    c.mesh.update(dict(data=2, fsdp=2, context=1, tensor=2))
+    train(distill_job.make_job(c, workdir), c, str(tmp_path / "eight"))
+    eight, one = _rows(str(tmp_path / "eight")), _rows(one_run)
+    assert len(eight) == len(one) == c.distill.steps
     for key in ("loss_generator", "loss_vsd", "loss_cd", "loss_fake", "grad_norm_student"):
-        np.testing.assert_allclose([r[key] for r in results["eight"]], [r[key] for r in results["one"]],
-                                   rtol=1e-4, err_msg=key)
+        np.testing.assert_allclose([r[key] for r in eight], [r[key] for r in one], rtol=1e-4, err_msg=key)
 
 
-def test_resume_mid_distillation_is_exact(world_run, tmp_path):
-    config, workdir = world_run
-    c = distill_config(config)
+def test_resume_mid_distillation_is_exact(distill_run, tmp_path):
+    c, workdir, shared = distill_run
     run = str(tmp_path / "run")
-    train(distill_job.make_job(c, workdir), c, run)
+    shutil.copytree(shared, run)  # the uninterrupted run, trained once for the session
     uninterrupted = _rows(run)
     assert [r["step"] for r in uninterrupted] == [1, 2, 3, 4, 5, 6]
     # Lose everything after the step-2 checkpoint, as a crash there would, and run again.

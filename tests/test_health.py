@@ -114,16 +114,13 @@ def test_vsd_reports_its_normaliser_and_the_denoisers_predictions():
 
 
 @pytest.mark.slow
-def test_quiet_on_world_latents_and_in_the_distillation_metrics(world_run, tmp_path):
+def test_quiet_on_world_latents_and_in_the_distillation_metrics(world_run, distill_run):
     """On the session's world: real latents raise no alarm, and the DOLLAR step logs every health metric
     with repeated captions."""
     from dollar_jax.data import arrays_dataset
     from dollar_jax.data.pipeline import eval_batches
-    from dollar_jax.jobs import distill as distill_job
     from dollar_jax.paths import Paths
-    from dollar_jax.train.loop import train
     from dollar_jax.train.metrics import read_metrics
-    from test_distill import distill_config
 
     config, workdir = world_run
     source = arrays_dataset.open_split(Paths.of(config, workdir).data, config.data.latents, "validation")
@@ -131,9 +128,8 @@ def test_quiet_on_world_latents_and_in_the_distillation_metrics(world_run, tmp_p
     assert _alarms(latents[32:], latents[:32]) == set()
     assert _alarms(latents[32:], latents[:32], group_size=4) == set()
 
-    c = distill_config(config)  # test_distill.py's run (captions in groups of 4): its program is compiled once
-    train(distill_job.make_job(c, workdir), c, str(tmp_path / "run"))
-    rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss_generator" in r]
+    c, _, run = distill_run  # test_distill.py's run (captions in groups of 4), trained once for the session
+    rows = [r for r in read_metrics(run) if "loss_generator" in r]
     assert len(rows) == c.distill.steps
     for key in (*ALARMS, "sample_diversity_within", "sample_saturation", "sample_mean_drift", "vsd_normaliser",
                 "x0_real_mean", "x0_fake_std"):

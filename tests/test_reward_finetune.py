@@ -80,16 +80,18 @@ def _rows(run_dir):
             if "loss_generator" in r]
 
 
-def test_zero_weight_non_differentiable_reward_leaves_distillation_unchanged_and_resumes_exactly(world_run, tmp_path):
+def test_zero_weight_non_differentiable_reward_leaves_distillation_unchanged_and_resumes_exactly(world_run, distill_run,
+                                                                                                    tmp_path):
     # A non-differentiable reward (JPEG size) is labelled on the host and learned by the LRM; at weight 0 no L_FT
     # step exists, and the student must come out bit for bit as without the reward (the LRM and the labeller
     # draw from streams of their own). L_FT at weight 1 is exercised by the quick demo's VSD+CD+LRM student
     # (tests/test_demo.py) and, with an exact two-host resume, by tests/test_reward_multihost.py.
     config, workdir = world_run
-    plain = distill_config(config)  # test_distill.py's runs: one program, compiled once for the suite
+    plain, _, shared = distill_run  # test_distill.py's run, trained once for the session
     with_lrm = reward_config(config, steps=plain.distill.steps, weight=0.0, name="jpeg_compressibility")
     run_plain, run_lrm = str(tmp_path / "plain"), str(tmp_path / "lrm")
-    s_plain = train(distill_job.make_job(plain, workdir), plain, run_plain)
+    shutil.copytree(shared, run_plain)
+    s_plain = train(distill_job.make_job(plain, workdir), plain, run_plain)  # finished: its last checkpoint
     s_lrm = train(distill_job.make_job(with_lrm, workdir), with_lrm, run_lrm)
     for a, b in zip(jax.tree.leaves(s_plain.params["student"]), jax.tree.leaves(s_lrm.params["student"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
