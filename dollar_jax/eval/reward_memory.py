@@ -267,23 +267,22 @@ _REFUSAL = re.compile(r"RESOURCE_EXHAUSTED.*?HLO temporaries \(([\d.]+)([KMGT])\
 _UNIT = {"K": 2.0**10, "M": 2.0**20, "G": 2.0**30, "T": 2.0**40}
 
 
-def refusal(row: dict) -> tuple[float, float] | None:
-    """(temporaries, HBM) in bytes when the compiler refused the row's program for memory, from its own message;
-    the temporaries are then XLA's figure for what the step needs beyond its arguments, a lower bound of its peak.
+def _refused_figures(row: dict) -> tuple[str, str, str, str] | None:
+    """(temporaries, unit, HBM, unit) as the compiler printed them when it refused the row's program for memory.
     Only this wording is read (libtpu 0.0.42's): any other failure, out-of-memory ones included, stays an error
     row, "not measured"."""
     match = _REFUSAL.search(row.get("error", ""))
-    if not match:
+    return match.groups() if match else None
+
+
+def refusal(row: dict) -> tuple[float, float] | None:
+    """(temporaries, HBM) in bytes when the compiler refused the row's program for memory, from its own message;
+    the temporaries are then XLA's figure for what the step needs beyond its arguments, a lower bound of its peak."""
+    figures = _refused_figures(row)
+    if figures is None:
         return None
-    temp, temp_unit, hbm, hbm_unit = match.groups()
+    temp, temp_unit, hbm, hbm_unit = figures
     return float(temp) * _UNIT[temp_unit], float(hbm) * _UNIT[hbm_unit]
-
-
-def _refusal_text(row: dict) -> tuple[str, str]:
-    """The refusal's two figures as the compiler printed them (its precision: "1.06T" is 1.06 TiB, give or take
-    0.005), with binary units spelt out."""
-    temp, temp_unit, hbm, hbm_unit = _REFUSAL.search(row["error"]).groups()
-    return f"{temp} {temp_unit}iB", f"{hbm} {hbm_unit}iB"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -293,8 +292,9 @@ def markdown(rows: list[dict]) -> str:
              "| over the student | compile s | step s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frames = f"{r['frames']} ({r['latent_frames']} -> {r['decoded_frames']})"
-        if refusal(r):
-            temp, hbm = _refusal_text(r)
+        figures = _refused_figures(r)
+        if figures:  # shown as the compiler printed them (its precision: "1.06T" is 1.06 TiB, give or take 0.005)
+            temp, hbm = (f"{value} {unit}iB" for value, unit in (figures[:2], figures[2:]))
             lines.append(f"| {r['compiler']} | {r['path']} | {frames} | refused: more than the chip's {hbm} of HBM | "
                          f"| {temp} | **> {temp}** | | | not run |")
             continue
@@ -328,8 +328,8 @@ def plot(rows: list[dict], out: str) -> None:
             if done:
                 x, y = zip(*sorted((r["frames"], r["peak_bytes"] / GIB) for r in done))
                 ax.plot(x, y, **style)
-            refused = [(r["frames"], refusal(r)[0] / GIB) for r in rows
-                       if r["compiler"] == compiler and r["path"] == path and refusal(r)]
+            refused = [(r["frames"], needed[0] / GIB) for r in rows
+                       if r["compiler"] == compiler and r["path"] == path and (needed := refusal(r))]
             if refused:  # hollow: the compiler's temporaries when it refused the program, a lower bound of the peak
                 ax.scatter(*zip(*refused), marker=marker, facecolors="none", edgecolors=color, s=90, zorder=4,
                            linewidths=1.5, label=f"{label}, {compiler}: refused, temporaries alone")
