@@ -6,7 +6,8 @@ them pathologically slowly: one `jax.random.normal` of the world's 128 evaluatio
 and 0.3-0.45 s at level 1 (same bits; measured 2026-11-24, BENCHMARKS.md "Compile effort"). `light_jit` compiles
 at level 1 on CPU; train steps keep the default (the teacher's step runs about 5% slower at level 1).
 
-Other backends are untouched, and so is a level the user chose in XLA_FLAGS (the test suite sets 1 for all).
+Other backends are untouched, and so is a level the user chose in XLA_FLAGS (the test suite sets 1 for all),
+with one exception: config.step_compile = "light" compiles the train step at level 0 (`step_options`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import functools
 import os
 
 import jax
+
+from dollar_jax.config import STEP_COMPILE
 
 LEVEL_FLAG = "xla_backend_optimization_level"
 
@@ -25,6 +28,22 @@ def light_options() -> dict | None:
     if LEVEL_FLAG in os.environ.get("XLA_FLAGS", "") or jax.default_backend() != "cpu":
         return None
     return {LEVEL_FLAG: 1}
+
+
+def step_options(setting: str) -> dict | None:
+    """Compiler options for a train step, from config.step_compile: "full" (None: XLA's defaults, or the level
+    XLA_FLAGS sets) or "light", LLVM level 0 on CPU for runs of a few steps (smoke runs, tests), even where
+    XLA_FLAGS sets a level (which still governs every other program); other backends are untouched.
+
+    Level 0 pays only for a short run of small steps (BENCHMARKS.md, "Test suite", 2026-11-25): the tests' tiny
+    DOLLAR step compiles in 14.4 s against 21.5 s at level 1 and runs 0.036 against 0.012 s a step, but the
+    default demo's step compiles in 23.0 s against 27.0 s at level 2 and runs 4.1 against 1.35 s a step, so
+    there it loses from the second step on."""
+    if setting not in STEP_COMPILE:
+        raise ValueError(f"config.step_compile must be one of {STEP_COMPILE}, got {setting!r}")
+    if setting == "full" or jax.default_backend() != "cpu":
+        return None
+    return {LEVEL_FLAG: 0}
 
 
 def light_jit(fun, **jit_kwargs):

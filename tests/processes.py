@@ -47,7 +47,8 @@ def teacher_args(workdir: str, data_dir: str, steps: int, *extra: str) -> list[s
             f"--workdir={workdir}", "--config.embedded_world=False", f"--config.data.dir={data_dir}",
             "--config.data.latents=latents", f"--config.teacher.steps={steps}", "--config.teacher.batch_size=8",
             "--config.log_every_steps=1", "--config.sampling.every_steps=0", "--config.mesh.fsdp=-1",
-            "--config.tensorboard=False", *extra]  # no TensorFlow import: 7 s less per process start
+            "--config.tensorboard=False",  # no TensorFlow import: 7 s less per process start
+            "--config.step_compile=light", *extra]  # a few steps: compiling dominates
 
 
 def start(args: list[str], processes: int, devices_per_process: int, **env) -> list[subprocess.Popen]:

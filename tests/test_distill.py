@@ -28,6 +28,7 @@ def distill_config(config, **distill):
                           optim_memory="host", nan_guard="update"))
     c.distill.update(distill)
     c.log_every_steps, c.checkpoint.every_steps, c.sampling.every_steps = 1, 2, 0
+    c.step_compile = "light"  # 6 steps: compiling dominates (dollar_jax/compile_effort.py)
     return c
 
 

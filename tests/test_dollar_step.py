@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dollar_jax.compile_effort import step_options
 from dollar_jax.config import base_config, embedded_world
 from dollar_jax.diffusion import VPSchedule
 from dollar_jax.models.dit import WanDiT
@@ -41,7 +42,7 @@ def run_steps(config, n, gates=None, expose=False, schedule=VPSchedule(), predic
         params["lrm"] = step.reward.make_params()
     state = init_state(step.roles, params, 0)
     frozen = {"teacher": teacher, "null_text": jnp.zeros(TEXT)}
-    fn = jax.jit(step.train_step)
+    fn = jax.jit(step.train_step, compiler_options=step_options("light"))  # as config.step_compile="light"
     out = []
     for i in range(n):
         rng = np.random.default_rng(i)

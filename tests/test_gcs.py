@@ -141,6 +141,7 @@ def test_world_pipeline_teacher_and_distillation_on_the_store(bucket, caplog):
                           cd_steps=1))
     c.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1))
     c.checkpoint.every_steps, c.log_every_steps = 2, 1
+    c.step_compile = "light"
     c.job = "teacher"
     run_job(c, workdir)
     teacher = f"{workdir}/teacher"

@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from dollar_jax.compile_effort import step_options
 from dollar_jax.config import config_from_file, optimizer, schedule_of
 from dollar_jax.models import WanDiT
 from dollar_jax.parallel.sharding import in_memory, on_device
@@ -111,7 +112,9 @@ def test_update_scale_scales_the_applied_update_and_the_guard_holds(memory):
 
 def _perturbed(params):
     """A fresh DiT's output projection is zero, so nothing upstream of it would get a gradient: perturb it all."""
-    return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+    # Drawn with NumPy: a jax.random draw per leaf shape would compile a program for each (about 30 per model).
+    return jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + 0.05 * np.random.default_rng(p.size).standard_normal(
+        p.shape).astype(np.float32), p.dtype), params)
 
 
 def _step_config(**distill):
@@ -141,7 +144,8 @@ def _run_steps(config, steps=2, metrics=None, then_nan=False):
     params = _perturbed(nnx.to_pure_dict(nnx.state(WanDiT(dit_config(config), rngs=nnx.Rngs(3)), nnx.Param)))
     state = init_state(step.roles, {"student": params, "fake": step.fake_init(params)}, seed=0)
     frozen = {"teacher": params, "null_text": jnp.zeros(text)}
-    fn = jax.jit(step.train_step)
+    options = step_options("light")  # a short run, compiled as config.step_compile="light" compiles it
+    fn = jax.jit(step.train_step, compiler_options=options)
     if "host" in (config.distill.ema_memory, config.distill.optim_memory):
         # As the train loop places them: the EMA / the student's optimiser state wait in pinned host memory.
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -150,7 +154,7 @@ def _run_steps(config, steps=2, metrics=None, then_nan=False):
             ema=in_memory(shardings.ema, config.distill.ema_memory),
             opt_state={n: in_memory(s, step.roles[n].opt_memory) for n, s in shardings.opt_state.items()})
         state = jax.device_put(state, shardings)
-        fn = jax.jit(step.train_step, out_shardings=(shardings, None))
+        fn = jax.jit(step.train_step, out_shardings=(shardings, None), compiler_options=options)
     for i in range(steps):
         k1, k2 = jax.random.split(jax.random.key(100 + i))
         batch = {"latents": jax.random.normal(k1, (2, *latent)), "text": jax.random.normal(k2, (2, *text))}

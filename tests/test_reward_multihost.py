@@ -37,7 +37,7 @@ def test_two_hosts_label_their_own_rows_checkpoint_and_resume_exactly(world_run,
             "--config.reward.enabled=True", "--config.reward.name=colourfulness", "--config.reward.lrm_batch_size=8",
             "--config.reward.label_lag=2", "--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
             "--config.checkpoint.keep=5", "--config.sampling.every_steps=0", "--config.mesh.fsdp=-1",
-            "--config.tensorboard=False",
+            "--config.tensorboard=False", "--config.step_compile=light",
             # The reward alone (no VSD, no CD): the bookkeeping under test is the labeller's and the LRM's, and the
             # step without the DOLLAR terms compiles in half the time (17 s against 32 s per process, quiet).
             "--config.distill.vsd_weight=0", "--config.distill.cd_weight=0"]

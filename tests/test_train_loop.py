@@ -130,6 +130,33 @@ def test_unknown_config_key_is_an_error():
         c.distill.steps = "many"
 
 
+def test_light_step_compile_reaches_the_compiler_and_a_wrong_value_is_named(tmp_path, monkeypatch):
+    """config.step_compile="light": the trainer compiles its step at LLVM level 0 on CPU (and trains the same);
+    "full" leaves XLA's defaults; any other value is one clear error before anything runs."""
+    from dollar_jax import compile_effort
+    from dollar_jax.config import validate
+    from dollar_jax.train import loop
+
+    assert compile_effort.step_options("light") == {"xla_backend_optimization_level": 0}
+    assert compile_effort.step_options("full") is None
+    seen = []
+    real = loop.jit_train_step
+    monkeypatch.setattr(loop, "jit_train_step", lambda *a: seen.append(a[-1]) or real(*a))
+    runs = {}
+    for setting in ("full", "light"):
+        config = toy_config(total=4, every=4)
+        config.step_compile = setting
+        runs[setting] = _params(train(toy_job(config), config, str(tmp_path / setting)))
+    assert seen == [None, {"xla_backend_optimization_level": 0}]
+    for a, b in zip(runs["light"], runs["full"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    config.step_compile = "fast"
+    with pytest.raises(ValueError, match="config.step_compile must be one of .'full', 'light'., got 'fast'"):
+        validate(config)
+    with pytest.raises(ValueError, match="config.step_compile"):
+        compile_effort.step_options("fast")
+
+
 def test_step_time_data_wait_and_profiler_window(tmp_path):
     config = toy_config(total=6, every=6)
     config.profile.update(dict(start_step=3, num_steps=2))

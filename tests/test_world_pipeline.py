@@ -88,6 +88,7 @@ def _teacher_losses(config, workdir, run_dir, mesh):
     c = config.copy_and_resolve_references()
     c.mesh.update(mesh)
     c.teacher.steps, c.log_every_steps, c.checkpoint.every_steps = 3, 1, 3
+    c.step_compile = "light"
     job = teacher_job.make_job(c, workdir)
     train(job, c, run_dir)
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dollar_jax import storage
+from dollar_jax.compile_effort import step_options
 from dollar_jax.data.pipeline import batch_sharding, numeric, to_global
 from dollar_jax.parallel.mesh import make_mesh
 from dollar_jax.parallel.rules import axis_rules
@@ -66,11 +67,13 @@ class Job:
     recompute_flops_per_step: float = 0.0
 
 
-def jit_train_step(train_step: Callable, state_shardings, frozen_shardings, batch_shardings):
+def jit_train_step(train_step: Callable, state_shardings, frozen_shardings, batch_shardings,
+                   compiler_options: dict | None = None):
     """The one way a step is jitted (trainer, memory planner, benchmarks): the state keeps its shardings and is
-    donated (updated in place); frozen inputs and the batch are read only."""
+    donated (updated in place); frozen inputs and the batch are read only. `compiler_options`: see
+    compile_effort.step_options (config.step_compile)."""
     return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+                   out_shardings=(state_shardings, None), donate_argnums=(0,), compiler_options=compiler_options)
 
 
 class Profiler:
@@ -170,7 +173,8 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
     batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in first.items()}
     frozen = job.frozen(mesh) if job.frozen else {}
     frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
-    step_fn = jit_train_step(job.train_step, shardings, frozen_shardings, batch_shardings)
+    step_fn = jit_train_step(job.train_step, shardings, frozen_shardings, batch_shardings,
+                             step_options(config.step_compile))
 
     every_ckpt = config.checkpoint.every_steps
     # (step, device metrics, device outputs, host batch) not yet fetched: one step of lag.

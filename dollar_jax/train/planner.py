@@ -28,6 +28,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dollar_jax.compile_effort import step_options
 from dollar_jax.config import dit_config, schedule_of
 from dollar_jax.data.pipeline import batch_sharding, with_global_batch
 from dollar_jax.parallel.mesh import make_mesh
@@ -120,8 +121,10 @@ def abstract_distill_step(config, dit, mesh) -> AbstractStep:
     frozen_shardings = {"teacher": tree_shardings(mesh, step.teacher_abstract, step.teacher_role.axes),
                         "null_text": replicated(mesh)}
     batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
-    return AbstractStep(step, jit_train_step(step.train_step, shardings, frozen_shardings, batch_shardings),
-                        _placed(abstract, shardings), _placed(frozen, frozen_shardings), _placed(batch, batch_shardings))
+    jitted = jit_train_step(step.train_step, shardings, frozen_shardings, batch_shardings,
+                            step_options(config.step_compile))  # the program the trainer compiles
+    return AbstractStep(step, jitted, _placed(abstract, shardings), _placed(frozen, frozen_shardings),
+                        _placed(batch, batch_shardings))
 
 
 def _pass_seconds(config, dit, mesh) -> dict[str, float]:
