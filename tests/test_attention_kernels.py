@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dollar_jax.compile_effort import step_options
 from dollar_jax.models import WanDiT, preset
 from dollar_jax.models.attention import (attention, local_attention, parse_splash_blocks, splash_attention,
                                          splash_tiling, xla_attention)
@@ -93,7 +94,7 @@ def test_residual_remat_policies_change_memory_not_the_gradient():
     def grad(policy):  # offload_attention moves the saved tensors to pinned host memory, which CPU has too
         graph = nnx.graphdef(WanDiT(cfg.replace(remat_policy=policy), rngs=nnx.Rngs(0)))
         loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graph, p)(x, jnp.full((1,), 300.0), text)))
-        return jax.tree.leaves(jax.jit(jax.grad(loss))(state))
+        return jax.tree.leaves(jax.jit(jax.grad(loss), compiler_options=step_options("light"))(state))  # run once
 
     want = grad("none")
     for policy in ("save_attention_residuals", "offload_attention"):  # the policies that name their own tensors
@@ -141,7 +142,7 @@ def _loss_and_grad(graphdef):
     def loss(params, x, t, text):
         return jnp.mean(nnx.merge(graphdef, params)(x, t, text) ** 2)
 
-    return jax.jit(jax.value_and_grad(loss))
+    return jax.jit(jax.value_and_grad(loss), compiler_options=step_options("light"))  # run once: compiling dominates
 
 
 @needs_8
