@@ -35,7 +35,7 @@ def step_options(setting: str) -> dict | None:
     XLA_FLAGS sets) or "light", LLVM level 0 on CPU for runs of a few steps (smoke runs, tests), even where
     XLA_FLAGS sets a level (which still governs every other program); other backends are untouched.
 
-    Level 0 pays only for a short run of small steps (BENCHMARKS.md, "Test suite", 2026-11-25): the tests' tiny
+    Level 0 pays only for a short run of small steps (BENCHMARKS.md, "config.step_compile"): the tests' tiny
     DOLLAR step compiles in 14.4 s against 21.5 s at level 1 and runs 0.036 against 0.012 s a step, but the
     default demo's step compiles in 23.0 s against 27.0 s at level 2 and runs 4.1 against 1.35 s a step, so
     there it loses from the second step on."""

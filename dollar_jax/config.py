@@ -285,7 +285,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the progress lines only, and TensorFlow is never imported (about 7 s less start-up on 2 CPU cores).
     c.tensorboard = True
     # How hard XLA compiles the train step (dollar_jax/compile_effort.py): "full" (XLA's default) or "light" (LLVM
-    # level 0 on CPU: a third less compile time for steps that run about 3x slower; pays only in runs of a few
+    # level 0 on CPU: 15-33% less compile time for steps that run about 3x slower; pays only in runs of a few
     # small steps: smoke runs and tests). Other backends ignore it.
     c.step_compile = "full"
     # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 into <workdir>/profile (TensorBoard's
