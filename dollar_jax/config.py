@@ -18,6 +18,11 @@ from dollar_jax.models.dit_config import DiTConfig
 
 STEP_COMPILE = ("full", "light")  # config.step_compile (dollar_jax/compile_effort.py)
 
+
+def check_step_compile(value: str) -> None:
+    if value not in STEP_COMPILE:
+        raise ValueError(f"config.step_compile must be one of {STEP_COMPILE}, got {value!r}")
+
 JOBS = ("autoencoder", "precompute", "teacher", "distill", "demo")
 MEMORIES = ("device", "host")  # where a stored copy can live between steps (parallel/sharding.py: in_memory)
 
@@ -285,7 +290,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the progress lines only, and TensorFlow is never imported (about 7 s less start-up on 2 CPU cores).
     c.tensorboard = True
     # How hard XLA compiles the train step (dollar_jax/compile_effort.py): "full" (XLA's default) or "light" (LLVM
-    # level 0 on CPU: 15-33% less compile time for steps that run about 3x slower; pays only in runs of a few
+    # level 0 on CPU: 15-33% less compile time, steps about 3x slower: BENCHMARKS.md; pays only in runs of a few
     # small steps: smoke runs and tests). Other backends ignore it.
     c.step_compile = "full"
     # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 into <workdir>/profile (TensorBoard's
@@ -351,8 +356,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Cross-field checks that types alone cannot express. Raises ValueError naming the key."""
     if config.job not in JOBS:
         raise ValueError(f"config.job must be one of {JOBS}, got {config.job!r}")
-    if config.step_compile not in STEP_COMPILE:
-        raise ValueError(f"config.step_compile must be one of {STEP_COMPILE}, got {config.step_compile!r}")
+    check_step_compile(config.step_compile)
     if config.nan_policy not in ("stop", "skip"):
         raise ValueError(f"config.nan_policy must be 'stop' or 'skip', got {config.nan_policy!r}")
     if config.diffusion.schedule not in ("vp", "flow"):

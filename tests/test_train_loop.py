@@ -139,9 +139,10 @@ def test_light_step_compile_reaches_the_compiler_and_a_wrong_value_is_named(tmp_
 
     assert compile_effort.step_options("light") == {"xla_backend_optimization_level": 0}
     assert compile_effort.step_options("full") is None
+    assert compile_effort.step_options("light", platform="tpu") is None  # a TPU plan compiled on a CPU host
     seen = []
     real = loop.jit_train_step
-    monkeypatch.setattr(loop, "jit_train_step", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(loop, "jit_train_step", lambda *a, **k: seen.append(k.get("compiler_options")) or real(*a, **k))
     runs = {}
     for setting in ("full", "light"):
         config = toy_config(total=4, every=4)

@@ -174,7 +174,7 @@ def _train(job: Job, config, workdir: str, mesh) -> TrainState:
     frozen = job.frozen(mesh) if job.frozen else {}
     frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
     step_fn = jit_train_step(job.train_step, shardings, frozen_shardings, batch_shardings,
-                             step_options(config.step_compile))
+                             compiler_options=step_options(config.step_compile))
 
     every_ckpt = config.checkpoint.every_steps
     # (step, device metrics, device outputs, host batch) not yet fetched: one step of lag.

@@ -122,7 +122,7 @@ def abstract_distill_step(config, dit, mesh) -> AbstractStep:
                         "null_text": replicated(mesh)}
     batch_shardings = {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
     jitted = jit_train_step(step.train_step, shardings, frozen_shardings, batch_shardings,
-                            step_options(config.step_compile))  # the program the trainer compiles
+                            compiler_options=step_options(config.step_compile, mesh.devices.flat[0].platform))
     return AbstractStep(step, jitted, _placed(abstract, shardings), _placed(frozen, frozen_shardings),
                         _placed(batch, batch_shardings))
 
