@@ -27,6 +27,13 @@ def demo_run(world_run):
     # the plain and the reward-tuned student of test_the_latent_reward_raises_the_true_reward_and_keeps_adherence.
     c.distill.steps = 120
     c.reward.update(dict(name="vividness", lrm_batch_size=16))
+    # Stages one after another in this process, without TensorBoard files: the same numbers for less CPU. Side by
+    # side, every stage's process imports JAX and TensorFlow and compiles the samplers the other students compile
+    # too; in one process they are compiled once. On 2 cores with nothing else running (2026-11-25, the stages
+    # after the teacher): 463 CPU-s side by side with TensorBoard, 425 without it, 352 in one process (BENCHMARKS.md,
+    # "Test suite"). The side-by-side path has its own tests (test_side_by_side.py, the demo's stages there too).
+    c.demo.side_by_side = 1
+    c.tensorboard = False
     report = demo.run(c, workdir)
     return c, workdir, report
 

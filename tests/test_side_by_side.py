@@ -1,9 +1,12 @@
 """Stages side by side in processes (dollar_jax/jobs/side_by_side.py): results, failures and preemption.
 
-The stages here are plain functions (module-level, so that the spawned processes can import them); the demo's
-real stages run side by side in tests/test_demo.py, where the students' numbers are checked."""
+The stages here are plain functions (module-level, so that the spawned processes can import them). The demo's own
+side-by-side bookkeeping runs here on a function of dollar_jax/jobs/demo.py, and its real stages are checked to
+travel to a process; tests/test_demo.py runs the quick demo's stages in one process (the same numbers, less CPU)."""
 
+import json
 import os
+import pickle
 import signal
 import threading
 import time
@@ -81,3 +84,37 @@ def test_sigterm_reaches_every_stage_and_the_group_is_preempted(tmp_path):
     assert e.value.step == 10  # the earliest step saved: a restart resumes every stage from its own checkpoint
     assert sorted(f for f in os.listdir(folder) if f.endswith(".saved")) == ["t0.saved", "t1.saved"]
     assert signal.getsignal(signal.SIGTERM) == before  # the parent's own handler is back
+
+
+def test_the_demos_stages_side_by_side_time_each_and_skip_finished_ones(tmp_path, capsys):
+    """demo.Stages.run_side_by_side, the path of config.demo.side_by_side > 1: stages that are not done run in
+    processes of their own (here a function of the demo module itself, as the students' stages are), each one's
+    time and its neighbours go to demo_timings.json, and a finished stage is announced and not run."""
+    from dollar_jax.jobs import demo
+
+    stages = demo.Stages(str(tmp_path), ["a", "done", "b", "report"])
+    out = stages.run_side_by_side([("a", Stage("a", demo.speed_repeats, (21, 2))), ("done", None),
+                                   ("b", Stage("b", _square, (3,)))], max_running=2, compilation_cache=("", ""))
+    assert out["a"] == 10 and out["b"][0] == 9 and out["b"][1] != os.getpid() and out["done"] is None
+    printed = capsys.readouterr().out
+    assert "stage 1/4: a (side by side)" in printed and "stage 2/4: done (already done)" in printed
+    timings = json.load(open(tmp_path / "demo_timings.json"))
+    assert timings["a"]["beside"] == ["b"] and timings["b"]["beside"] == ["a"] and "done" not in timings
+    assert timings["a + b"]["side_by_side"] == ["a", "b"] and timings["a + b"]["seconds"] >= timings["a"]["seconds"]
+
+
+def test_the_demos_real_stages_travel_to_a_process(tmp_path):
+    """Each stage the demo runs side by side is pickled into its process: the student's train-and-evaluate, the
+    teacher's rows, the teacher and the evaluation encoder, with the configs they are given."""
+    from dollar_jax.config import config_from_file
+    from dollar_jax.jobs import demo, teacher, world_encoder
+
+    config, workdir = config_from_file("configs/demo.py:quick"), str(tmp_path)
+    folders = {"teacher": "t", "VSD+CD": "s"}
+    for stage in (Stage("VSD+CD", demo.train_and_evaluate,
+                        (demo.student_config(config, "VSD+CD"), workdir, config, folders, "VSD+CD")),
+                  Stage("teacher evaluation", demo.evaluate_rows, (config, workdir, folders, "teacher")),
+                  Stage("teacher", teacher.run, (config, workdir)),
+                  Stage("evaluation encoder", world_encoder.run, (config, workdir))):
+        back = pickle.loads(pickle.dumps(stage))
+        assert back.fn is stage.fn and back.args[0].to_dict() == stage.args[0].to_dict()
