@@ -31,7 +31,7 @@ def demo_run(world_run):
     # side, every stage's process imports JAX and TensorFlow and compiles the samplers the other students compile
     # too; in one process they are compiled once. On 2 cores with nothing else running (2026-11-25, the stages
     # after the teacher): 463 CPU-s side by side with TensorBoard, 425 without it, 352 in one process (BENCHMARKS.md,
-    # "Test suite"). The side-by-side path has its own tests (test_side_by_side.py, the demo's stages there too).
+    # "Test suite"). The side-by-side path has its own tests (test_side_by_side.py and the last test here).
     c.demo.side_by_side = 1
     c.tensorboard = False
     report = demo.run(c, workdir)
@@ -122,6 +122,12 @@ def test_rerun_skips_finished_stages_and_reproduces_the_numbers(demo_run, capsys
     assert after == before
 
 
+def _first_stages_build_nothing(monkeypatch):
+    """The videos, autoencoder and latents stages do nothing (a done stage still calls its job, which returns)."""
+    for job in (demo.world_data, demo.autoencoder, demo.precompute):
+        monkeypatch.setattr(job, "build_videos" if job is demo.world_data else "run", lambda *args: None)
+
+
 def test_paper_extras_run_after_the_evaluation_resume_and_reach_the_report(tmp_path, monkeypatch, capsys):
     """`:paper`'s last stages on a finished run (every model folder and dataset there; the evaluation, the memory
     rows and the flow section's demo stand-ins): the evaluation is stored before them, so a run stopped in the flow
@@ -143,8 +149,7 @@ def test_paper_extras_run_after_the_evaluation_resume_and_reach_the_report(tmp_p
     monkeypatch.setattr(demo, "model_folder_exists", lambda path: True)
     monkeypatch.setattr(arrays_dataset, "exists", lambda *args: True)
     monkeypatch.setattr(demo, "evaluate_rows", lambda *args: {})
-    for job in (demo.world_data, demo.autoencoder, demo.precompute):  # done stages call them; they would return
-        monkeypatch.setattr(job, "build_videos" if job is demo.world_data else "run", lambda *args: None)
+    _first_stages_build_nothing(monkeypatch)
 
     def evaluate(*args):
         calls["evaluate"] += 1
@@ -180,3 +185,42 @@ def test_paper_extras_run_after_the_evaluation_resume_and_reach_the_report(tmp_p
     c.demo.reward_memory.frames = (8, 16)  # other settings than the stored rows': measured again
     demo.run(c, workdir)
     assert calls["memory"] == [[8], [8, 16]] and calls["evaluate"] == 1 and calls["flow"] == 2
+
+
+def test_side_by_side_the_demo_hands_its_own_stages_to_processes(tmp_path, monkeypatch):
+    """With config.demo.side_by_side > 1 (every shipped demo config; demo_run above runs its stages in one process),
+    the demo gives side_by_side.run the evaluation encoder with the teacher, then each student's training and
+    evaluation with the teacher's rows; every stage survives the pickling that carries it into its process."""
+    import pickle
+
+    from dollar_jax.data import arrays_dataset
+    from dollar_jax.jobs import side_by_side
+
+    class Stop(Exception):
+        pass
+
+    c = config_from_file("configs/demo.py:quick")
+    assert c.demo.side_by_side > 1
+    groups = []
+
+    def run_in_processes(stages, max_running, compilation_cache):
+        assert max_running == c.demo.side_by_side
+        for stage in stages:
+            back = pickle.loads(pickle.dumps(stage))
+            assert back.fn is stage.fn and back.args[0].to_dict() == stage.args[0].to_dict()
+        groups.append({stage.name: stage.fn for stage in stages})
+        return {stage.name: ({}, 0.0) for stage in stages}
+
+    def stop(*args):
+        raise Stop
+
+    monkeypatch.setattr(arrays_dataset, "exists", lambda *args: True)  # videos and latents: done
+    monkeypatch.setattr(demo, "model_folder_exists", lambda path: False)  # no model trained yet
+    _first_stages_build_nothing(monkeypatch)
+    monkeypatch.setattr(side_by_side, "run", run_in_processes)
+    monkeypatch.setattr(demo, "evaluate", stop)  # the stage after the students
+    with pytest.raises(Stop):
+        demo.run(c, str(tmp_path))
+    assert groups == [{"evaluation encoder": demo.world_encoder.run, "teacher": demo.teacher.run},
+                      {"VSD": demo.train_and_evaluate, "VSD+CD": demo.train_and_evaluate,
+                       "VSD+CD+LRM": demo.train_and_evaluate, "teacher evaluation": demo.evaluate_rows}]

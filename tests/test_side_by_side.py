@@ -1,12 +1,11 @@
 """Stages side by side in processes (dollar_jax/jobs/side_by_side.py): results, failures and preemption.
 
 The stages here are plain functions (module-level, so that the spawned processes can import them). The demo's own
-side-by-side bookkeeping runs here on a function of dollar_jax/jobs/demo.py, and its real stages are checked to
-travel to a process; tests/test_demo.py runs the quick demo's stages in one process (the same numbers, less CPU)."""
+side-by-side bookkeeping runs here on a function of dollar_jax/jobs/demo.py; tests/test_demo.py checks the stages
+the demo hands to side_by_side.run and runs the quick demo's stages in one process (the same numbers, less CPU)."""
 
 import json
 import os
-import pickle
 import signal
 import threading
 import time
@@ -102,19 +101,3 @@ def test_the_demos_stages_side_by_side_time_each_and_skip_finished_ones(tmp_path
     assert timings["a"]["beside"] == ["b"] and timings["b"]["beside"] == ["a"] and "done" not in timings
     assert timings["a + b"]["side_by_side"] == ["a", "b"] and timings["a + b"]["seconds"] >= timings["a"]["seconds"]
 
-
-def test_the_demos_real_stages_travel_to_a_process(tmp_path):
-    """Each stage the demo runs side by side is pickled into its process: the student's train-and-evaluate, the
-    teacher's rows, the teacher and the evaluation encoder, with the configs they are given."""
-    from dollar_jax.config import config_from_file
-    from dollar_jax.jobs import demo, teacher, world_encoder
-
-    config, workdir = config_from_file("configs/demo.py:quick"), str(tmp_path)
-    folders = {"teacher": "t", "VSD+CD": "s"}
-    for stage in (Stage("VSD+CD", demo.train_and_evaluate,
-                        (demo.student_config(config, "VSD+CD"), workdir, config, folders, "VSD+CD")),
-                  Stage("teacher evaluation", demo.evaluate_rows, (config, workdir, folders, "teacher")),
-                  Stage("teacher", teacher.run, (config, workdir)),
-                  Stage("evaluation encoder", world_encoder.run, (config, workdir))):
-        back = pickle.loads(pickle.dumps(stage))
-        assert back.fn is stage.fn and back.args[0].to_dict() == stage.args[0].to_dict()
