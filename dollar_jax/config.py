@@ -17,14 +17,14 @@ import ml_collections
 from dollar_jax.models.dit_config import DiTConfig
 
 STEP_COMPILE = ("full", "light")  # config.step_compile (dollar_jax/compile_effort.py)
+JOBS = ("autoencoder", "precompute", "teacher", "distill", "demo")
+MEMORIES = ("device", "host")  # where a stored copy can live between steps (parallel/sharding.py: in_memory)
 
 
 def check_step_compile(value: str) -> None:
+    """The one check of config.step_compile: validate() and compile_effort.step_options both call it."""
     if value not in STEP_COMPILE:
         raise ValueError(f"config.step_compile must be one of {STEP_COMPILE}, got {value!r}")
-
-JOBS = ("autoencoder", "precompute", "teacher", "distill", "demo")
-MEMORIES = ("device", "host")  # where a stored copy can live between steps (parallel/sharding.py: in_memory)
 
 
 def _dit_defaults(preset: str = "tiny") -> ml_collections.ConfigDict:

@@ -100,4 +100,3 @@ def test_the_demos_stages_side_by_side_time_each_and_skip_finished_ones(tmp_path
     timings = json.load(open(tmp_path / "demo_timings.json"))
     assert timings["a"]["beside"] == ["b"] and timings["b"]["beside"] == ["a"] and "done" not in timings
     assert timings["a + b"]["side_by_side"] == ["a", "b"] and timings["a + b"]["seconds"] >= timings["a"]["seconds"]
-
